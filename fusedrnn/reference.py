@@ -1,0 +1,118 @@
+"""The readable specification: pure-PyTorch LSTM, GRU and Elman RNN.
+
+Every kernel is tested against these functions (run in float64). They are plain step loops with
+autograd doing the backward, written for clarity rather than speed.
+
+Shapes (time-major throughout):
+    T  sequence length        B  batch        I  input features
+    H  hidden units           P  state size: proj_size if > 0 else H
+    G  gates per unit: LSTM 4 (i, f, g, o), GRU 3 (r, z, n), RNN 1
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def lstm_cell(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None):
+    """One LSTM step. x: (B, I), h: (B, P), c: (B, H) -> (h', c')."""
+    gates = F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
+    i, f, g, o = gates.chunk(4, dim=-1)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    c_new = f * c + i * g
+    h_new = o * torch.tanh(c_new)
+    if w_hr is not None:
+        h_new = F.linear(h_new, w_hr)
+    return h_new, c_new
+
+
+def gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One GRU step; r multiplies (W_hn h + b_hn), as in torch.nn.GRU. x: (B, I), h: (B, H)."""
+    x_r, x_z, x_n = F.linear(x, w_ih, b_ih).chunk(3, dim=-1)
+    h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, dim=-1)
+    r = torch.sigmoid(x_r + h_r)
+    z = torch.sigmoid(x_z + h_z)
+    n = torch.tanh(x_n + r * h_n)
+    return (1 - z) * n + z * h
+
+
+def rnn_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
+    """One Elman RNN step: act(W_ih x + b_ih + W_hh h + b_hh)."""
+    pre = F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
+    return torch.tanh(pre) if nonlinearity == "tanh" else torch.relu(pre)
+
+
+def cell_step(mode, x, state, weights):
+    """One step of any mode. state is (h,) or (h, c); weights is (w_ih, w_hh, b_ih, b_hh, w_hr)."""
+    w_ih, w_hh, b_ih, b_hh, w_hr = weights
+    if mode == "LSTM":
+        return lstm_cell(x, state[0], state[1], w_ih, w_hh, b_ih, b_hh, w_hr)
+    if mode == "GRU":
+        return (gru_cell(x, state[0], w_ih, w_hh, b_ih, b_hh),)
+    nonlinearity = "tanh" if mode == "RNN_TANH" else "relu"
+    return (rnn_cell(x, state[0], w_ih, w_hh, b_ih, b_hh, nonlinearity),)
+
+
+def reverse_index(lengths, T):
+    """(T, B) time indices that reverse each sequence within its own length.
+
+    Padded positions (t >= length) map to themselves, so the map is its own inverse.
+    """
+    t = torch.arange(T, device=lengths.device)[:, None]
+    return torch.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)
+
+
+def layer_direction(mode, x, state, weights, lengths=None, reverse=False):
+    """One direction of one layer over a (possibly padded) sequence.
+
+    x: (T, B, I); state: (h0,) or (h0, c0); lengths: (B,) int64 or None (all T).
+    A sequence stops at its length: its state is carried unchanged past the end, and its outputs
+    there are zero. The reverse direction starts at each sequence's own last element.
+    Returns y: (T, B, P) and the final state tuple.
+    """
+    T, B = x.shape[0], x.shape[1]
+    if lengths is None:
+        lengths = torch.full((B,), T, dtype=torch.long, device=x.device)
+    if reverse:
+        idx = reverse_index(lengths, T)
+        x = x.gather(0, idx[:, :, None].expand_as(x))
+    ys = []
+    for t in range(T):
+        new_state = cell_step(mode, x[t], state, weights)
+        alive = (t < lengths)[:, None]
+        state = tuple(torch.where(alive, n, s) for n, s in zip(new_state, state))
+        ys.append(torch.where(alive, new_state[0], torch.zeros_like(new_state[0])))
+    y = torch.stack(ys)
+    if reverse:
+        y = y.gather(0, idx[:, :, None].expand_as(y))
+    return y, state
+
+
+def rnn(mode, x, hx, layer_weights, num_layers, bidirectional, lengths=None, dropout=0.0,
+        training=False):
+    """A whole multi-layer, optionally bidirectional RNN, time-major.
+
+    x: (T, B, I); hx: h0 of shape (L*D, B, P), or (h0, c0) for LSTM with c0 (L*D, B, H);
+    layer_weights[l * D + d] = (w_ih, w_hh, b_ih, b_hh, w_hr) with None for absent tensors.
+    Dropout is applied to each layer's output except the last, in training only.
+    Returns y: (T, B, D*P) and h_n (or (h_n, c_n)).
+    """
+    D = 2 if bidirectional else 1
+    states = hx if isinstance(hx, (tuple, list)) else (hx,)
+    finals = []
+    layer_in = x
+    for layer in range(num_layers):
+        outs = []
+        for d in range(D):
+            k = layer * D + d
+            y, final = layer_direction(mode, layer_in, tuple(s[k] for s in states),
+                                       layer_weights[k], lengths, reverse=d == 1)
+            outs.append(y)
+            finals.append(final)
+        layer_in = torch.cat(outs, dim=-1)
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_in = F.dropout(layer_in, dropout, training=True)
+    final_states = tuple(torch.stack([f[i] for f in finals]) for i in range(len(states)))
+    return layer_in, (final_states if mode == "LSTM" else final_states[0])
