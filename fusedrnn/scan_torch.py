@@ -71,7 +71,7 @@ def scan_forward(mode, xg, w_hh, b_hh, w_hr, h0, c0, lengths, save):
         gates = torch.empty(D, T, B, W, dtype=wdt, device=xg.device)
         cs = torch.empty(D, T, B, C, dtype=wdt, device=xg.device)
     else:
-        hp = gates = cs = xg.new_empty(0, dtype=wdt)
+        hp, gates, cs = (xg.new_empty(0, dtype=wdt) for _ in range(3))
     for d in range(D):
         h = h0[d].to(wdt)
         c = c0[d].to(wdt) if mode == "LSTM" else None

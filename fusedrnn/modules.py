@@ -1,0 +1,387 @@
+"""Drop-in modules: fusedrnn.LSTM / GRU / RNN and the three cells.
+
+The layers subclass torch.nn.RNNBase (parameters, state_dict, repr and flat-weight bookkeeping are
+torch's own) but not nn.LSTM/GRU/RNN, because torch.compile refuses to trace subclasses of those
+three. The cells subclass nn.LSTMCell / GRUCell / RNNCell. Modules only validate, reshape and
+dispatch; the math lives in reference.py, scan_torch.py and the kernels.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, _VF, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import ops  # noqa: F401  (registers the fusedrnn:: custom ops)
+from . import reference
+from .dispatch import BACKENDS, KERNELS, BackendUnavailableError, check_choice, resolve
+from .functional import layer_weights, run_layers
+
+
+# Exceptions of torch.nn's type for the same mistake, but with a message that says what is wrong.
+class HiddenStateTypeError(TypeError, AttributeError):
+    """hx is a tuple where a tensor is expected (torch.nn raises AttributeError here)."""
+
+
+class HiddenStatePairError(TypeError, IndexError):
+    """hx is not an (h_0, c_0) pair where one is expected (torch.nn raises IndexError here)."""
+
+
+_VF_LAYER = {"LSTM": _VF.lstm, "GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu}
+_NAMES = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN"}
+
+
+def _describe(value):
+    if isinstance(value, Tensor):
+        return f"a {value.dim()}-D Tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} elements"
+    return f"an object of type {type(value).__name__}"
+
+
+def _compute_dtype(device_type, weight_dtype, autocast_kind):
+    """dtype the layer runs in: the autocast dtype where torch.nn's op is autocast, else the weights'."""
+    if autocast_kind is not None and torch.is_autocast_enabled(device_type):
+        # torch.nn on CUDA runs every RNN op in the autocast dtype; CPU autocast covers only the
+        # LSTM and Elman layers (GRU and the cells stay in float32), and so do we.
+        if device_type == "cuda" or autocast_kind in ("LSTM", "RNN_TANH", "RNN_RELU"):
+            return torch.get_autocast_dtype(device_type)
+    return weight_dtype
+
+
+def _check_state(name, value, expected_shape, x):
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {_describe(value)}")
+    if value.dtype != x.dtype:
+        raise RuntimeError(f"{name} must have the same dtype as input ({x.dtype}), got {value.dtype}")
+    if value.device != x.device:
+        raise RuntimeError(f"{name} must be on the same device as input ({x.device}), got {value.device}")
+    if tuple(value.shape) != tuple(expected_shape):
+        raise RuntimeError(f"{name} must have shape {tuple(expected_shape)}, got {tuple(value.shape)}")
+
+
+def _check_input_tensor(name, x, expected_features, weight_dtype):
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor (dtype {weight_dtype}, the weights' "
+                         f"dtype), got dtype {x.dtype}")
+    if x.dtype != weight_dtype:
+        raise ValueError(f"{name} dtype ({x.dtype}) does not match weight dtype ({weight_dtype}). "
+                         f"Convert input: input.to({weight_dtype}), or convert model: model.to({x.dtype})")
+    if x.size(-1) != expected_features:
+        raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {expected_features}, "
+                           f"got {x.size(-1)}")
+
+
+class _Backend:
+    """The `backend` and `kernel` attributes shared by layers and cells."""
+
+    def _init_backend(self, backend, kernel="auto"):
+        self.backend = check_choice(backend, BACKENDS, "backend")
+        self.kernel = check_choice(kernel, KERNELS, "kernel")
+        self.last_backend = None
+        self.last_kernels = []
+
+    def _route(self, device):
+        """The implementation that runs now: "torch", "reference", "triton" or "op-torch"."""
+        backend = resolve(self.backend, device)
+        if torch.compiler.is_compiling() and backend == "torch":
+            if self.backend == "torch":
+                raise BackendUnavailableError(
+                    "backend='torch' calls torch's fused RNN ops, which torch.compile cannot trace; "
+                    "use backend='auto' (it compiles to the fusedrnn::layer op) or 'reference'")
+            return "op-torch"
+        return backend
+
+    def _record(self, route, kernels=()):
+        if not torch.compiler.is_compiling():
+            self.last_backend = route
+            self.last_kernels = list(kernels)
+
+
+class _FusedRNNBase(_Backend, nn.RNNBase):
+    def __init__(self, mode, *args, backend="auto", kernel="auto", **kwargs):
+        check_choice(backend, BACKENDS, "backend")
+        super().__init__(mode, *args, **kwargs)
+        self._init_backend(backend, kernel)
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        return s if self.backend == "auto" else s + f", backend={self.backend!r}"
+
+    def __setstate__(self, d):
+        super().__setstate__(d)
+        d.setdefault("backend", "auto")
+
+    def forward(self, input, hx=None):
+        self._update_flat_weights()
+        name = _NAMES[self.mode]
+        D = 2 if self.bidirectional else 1
+        P = self.proj_size if self.proj_size > 0 else self.hidden_size
+        is_lstm = self.mode == "LSTM"
+        weight_dtype = self._flat_weights[0].dtype
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            x, batch_sizes, sorted_indices, unsorted_indices = input
+            if x.dim() != 2:
+                raise RuntimeError(f"input.data of a PackedSequence must be 2-D, got {x.dim()}-D")
+            is_batched = True
+        else:
+            if not isinstance(input, Tensor):
+                raise TypeError(f"{name}: input must be a Tensor or PackedSequence, got {_describe(input)}")
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
+            x, batch_sizes, sorted_indices, unsorted_indices = input, None, None, None
+            is_batched = input.dim() == 3
+            if not is_batched:
+                x = x.unsqueeze(0 if self.batch_first else 1)
+        dtype = _compute_dtype(x.device.type, weight_dtype, self.mode)
+        _check_input_tensor("input", x, self.input_size, weight_dtype if dtype == weight_dtype else x.dtype)
+        if dtype != x.dtype:
+            x = x.to(dtype)
+        if packed:
+            T, B = batch_sizes.numel(), int(batch_sizes[0])
+        else:
+            T, B = (x.shape[1], x.shape[0]) if self.batch_first else (x.shape[0], x.shape[1])
+        if T == 0:
+            raise RuntimeError(f"{name}: input must have a sequence length of at least 1, got 0")
+
+        # The initial state, checked against what torch.nn would accept.
+        state_dim = 3 if is_batched else 2
+        shapes = [(self.num_layers * D, B, P)] + ([(self.num_layers * D, B, self.hidden_size)] if is_lstm else [])
+        names = ["h_0", "c_0"] if is_lstm else ["h_0"]
+        if hx is None:
+            states = [x.new_zeros(s) for s in shapes]
+        else:
+            if is_lstm:
+                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                    raise HiddenStatePairError(f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got {_describe(hx)}")
+                states = list(hx)
+            else:
+                if isinstance(hx, (tuple, list)):
+                    raise HiddenStateTypeError(f"{name}: hx must be a Tensor h_0, got {_describe(hx)} "
+                                               f"(an (h_0, c_0) pair is only for LSTM)")
+                states = [hx]
+            for n, s in zip(names, states):
+                if not isinstance(s, Tensor):
+                    raise TypeError(f"{name}: {n} must be a Tensor, got {_describe(s)}")
+                if s.dim() != state_dim:
+                    kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                    raise RuntimeError(f"For {kind} input, {n} should also be {state_dim}-D but got {s.dim()}-D tensor")
+            if not is_batched:
+                states = [s.unsqueeze(1) for s in states]
+            if dtype != weight_dtype:
+                states = [s.to(dtype) if s.is_floating_point() else s for s in states]
+            for n, s, shape in zip(names, states, shapes):
+                _check_state(n, s, shape, x)
+            if sorted_indices is not None:
+                states = [s.index_select(1, sorted_indices) for s in states]
+
+        route = self._route(x.device)
+        flat = self._flat_weights if dtype == weight_dtype else [w.to(dtype) for w in self._flat_weights]
+        with torch.autocast(x.device.type, enabled=False):
+            if route == "torch":
+                out, *finals = self._run_torch(x, batch_sizes, states, flat)
+                kernels = ()
+            else:
+                out, finals, kernels = self._run_padded(x, batch_sizes, states, flat, route, B, T)
+        self._record(route, kernels)
+        if packed:
+            finals = [f.index_select(1, unsorted_indices) if unsorted_indices is not None else f for f in finals]
+            output = PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices)
+        else:
+            output = out
+            if not is_batched:
+                output = out.squeeze(0 if self.batch_first else 1)
+                finals = [f.squeeze(1) for f in finals]
+        return output, (tuple(finals) if is_lstm else finals[0])
+
+    def _run_torch(self, x, batch_sizes, states, flat):
+        hx = tuple(states) if self.mode == "LSTM" else states[0]
+        fn = _VF_LAYER[self.mode]
+        if batch_sizes is None:
+            return fn(x, hx, flat, self.bias, self.num_layers, self.dropout, self.training,
+                      self.bidirectional, self.batch_first)
+        return fn(x, batch_sizes, hx, flat, self.bias, self.num_layers, self.dropout, self.training,
+                  self.bidirectional)
+
+    def _run_padded(self, x, batch_sizes, states, flat, route, B, T):
+        lengths = None
+        if batch_sizes is not None:
+            # Packed data is ordered time-major with the live rows of each step first, which is
+            # exactly the order of the True entries of this (T, B) mask.
+            mask = (torch.arange(B)[None, :] < batch_sizes[:, None]).to(x.device)
+            lengths = mask.sum(0)
+            x = x.new_zeros(T, B, x.shape[-1]).masked_scatter(mask[:, :, None], x)
+        elif self.batch_first:
+            x = x.transpose(0, 1)
+        weights = layer_weights(flat, self.num_layers, 2 if self.bidirectional else 1, self.bias,
+                                self.proj_size > 0)
+        kernels = []
+        run = "reference" if B == 0 else route  # an empty batch has nothing to compute
+        y, finals = run_layers(self.mode, x, lengths, tuple(states), weights,
+                               num_layers=self.num_layers, bidirectional=self.bidirectional,
+                               dropout=self.dropout, training=self.training, backend=run,
+                               kernel=self.kernel, last_kernels=kernels)
+        if batch_sizes is not None:
+            y = y[mask]
+        elif self.batch_first:
+            y = y.transpose(0, 1)
+        return y, list(finals), kernels
+
+
+class LSTM(_FusedRNNBase):
+    """Drop-in torch.nn.LSTM (same arguments, parameters and behaviour) plus `backend`."""
+
+    def __init__(self, *args, backend="auto", **kwargs):
+        super().__init__("LSTM", *args, backend=backend, **kwargs)
+
+
+class GRU(_FusedRNNBase):
+    """Drop-in torch.nn.GRU (same arguments, parameters and behaviour) plus `backend`."""
+
+    def __init__(self, *args, backend="auto", **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, backend=backend, **kwargs)
+
+
+class RNN(_FusedRNNBase):
+    """Drop-in torch.nn.RNN (tanh or relu) plus `backend`."""
+
+    def __init__(self, *args, backend="auto", **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+        mode = "RNN_TANH" if self.nonlinearity == "tanh" else "RNN_RELU"
+        super().__init__(mode, *args, backend=backend, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------- cells
+class _FusedCell(_Backend):
+    _mode = None  # set per class or instance
+    _name = None
+
+    def _forward_cell(self, input, hx):
+        name = self._name
+        is_lstm = self._mode == "LSTM"
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{name}: input must be a Tensor, got {_describe(input)}")
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        is_batched = input.dim() == 2
+        x = input if is_batched else input.unsqueeze(0)
+        weight_dtype = self.weight_ih.dtype
+        dtype = _compute_dtype(x.device.type, weight_dtype, "cell")
+        _check_input_tensor("input", x, self.input_size, weight_dtype if dtype == weight_dtype else x.dtype)
+        x = x.to(dtype)
+        B = x.shape[0]
+        names = ["h_0", "c_0"] if is_lstm else ["h_0"]
+        if hx is None:
+            states = [x.new_zeros(B, self.hidden_size) for _ in names]
+        else:
+            if is_lstm:
+                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                    raise HiddenStatePairError(f"{name}: hx must be a tuple (h_0, c_0) of two tensors, got {_describe(hx)}")
+                states = list(hx)
+            else:
+                if isinstance(hx, (tuple, list)):
+                    raise HiddenStateTypeError(f"{name}: hx must be a Tensor h_0, got {_describe(hx)} "
+                                               f"(an (h_0, c_0) pair is only for LSTMCell)")
+                states = [hx]
+            for n, s in zip(names, states):
+                if not isinstance(s, Tensor):
+                    raise TypeError(f"{name}: {n} must be a Tensor, got {_describe(s)}")
+                if s.dim() not in (1, 2):
+                    raise ValueError(f"{name}: Expected {n} to be 1D or 2D, got {s.dim()}D instead")
+                if s.dim() != input.dim():
+                    raise RuntimeError(f"{name}: {n} must be {input.dim()}-D like input, got {s.dim()}-D")
+            states = [s if is_batched else s.unsqueeze(0) for s in states]
+            if dtype != weight_dtype:
+                states = [s.to(dtype) if s.is_floating_point() else s for s in states]
+            for n, s in zip(names, states):
+                _check_state(n, s, (B, self.hidden_size), x)
+        route = self._route(x.device)
+        w = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        if dtype != weight_dtype:
+            w = tuple(t if t is None else t.to(dtype) for t in w)
+        kernels = []
+        with torch.autocast(x.device.type, enabled=False):
+            if route == "torch":
+                out = self._torch_cell(x, states, w)
+            elif route == "reference" or B == 0:
+                out = reference.cell_step(self._mode, x, tuple(states), w + (None,))
+            else:
+                out = run_layers(self._mode, x.unsqueeze(0), None, tuple(s.unsqueeze(0) for s in states),
+                                 [w + (None,)], num_layers=1, bidirectional=False, dropout=0.0,
+                                 training=self.training, backend=route, kernel=self.kernel,
+                                 last_kernels=kernels)[1]
+                out = tuple(o.squeeze(0) for o in out)
+        self._record(route, kernels)
+        if not is_batched:
+            out = tuple(o.squeeze(0) for o in out)
+        return out if is_lstm else out[0]
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        return s if self.backend == "auto" else s + f", backend={self.backend!r}"
+
+
+class LSTMCell(_FusedCell, nn.LSTMCell):
+    """Drop-in torch.nn.LSTMCell plus `backend`."""
+    _mode, _name = "LSTM", "LSTMCell"
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend="auto"):
+        check_choice(backend, BACKENDS, "backend")
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
+        self._init_backend(backend)
+
+    def _torch_cell(self, x, states, w):
+        return _VF.lstm_cell(x, tuple(states), *w)
+
+    def forward(self, input, hx=None):
+        return self._forward_cell(input, hx)
+
+
+class GRUCell(_FusedCell, nn.GRUCell):
+    """Drop-in torch.nn.GRUCell plus `backend`."""
+    _mode, _name = "GRU", "GRUCell"
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend="auto"):
+        check_choice(backend, BACKENDS, "backend")
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
+        self._init_backend(backend)
+
+    def _torch_cell(self, x, states, w):
+        return (_VF.gru_cell(x, states[0], *w),)
+
+    def forward(self, input, hx=None):
+        return self._forward_cell(input, hx)
+
+
+class RNNCell(_FusedCell, nn.RNNCell):
+    """Drop-in torch.nn.RNNCell (tanh or relu) plus `backend`."""
+    _name = "RNNCell"
+
+    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None,
+                 *, backend="auto"):
+        check_choice(backend, BACKENDS, "backend")
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__(input_size, hidden_size, bias, nonlinearity, device=device, dtype=dtype)
+        self._init_backend(backend)
+
+    @property
+    def _mode(self):
+        return "RNN_TANH" if self.nonlinearity == "tanh" else "RNN_RELU"
+
+    def _torch_cell(self, x, states, w):
+        fn = _VF.rnn_tanh_cell if self.nonlinearity == "tanh" else _VF.rnn_relu_cell
+        return (fn(x, states[0], *w),)
+
+    def forward(self, input, hx=None):
+        return self._forward_cell(input, hx)
