@@ -16,11 +16,10 @@ setup(
         "torch>=2.4",
         "numpy",
         'triton>=3.0; platform_system == "Linux"',
-        "tqdm",
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-benchmark"],
-        "bench": ["matplotlib", "pytest-benchmark"],
+        "bench": ["matplotlib", "tqdm", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["fusedrnn=fusedrnn.cli:main"]},
 )

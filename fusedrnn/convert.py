@@ -1,6 +1,7 @@
 """fusedrnn.convert: swap torch.nn's RNN modules for their fusedrnn twins in an existing model."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 from torch import nn
@@ -23,9 +24,10 @@ def _twin(module, backend):
     """The fusedrnn twin of `module`, sharing its very Parameter objects, hooks and state."""
     twin = TWINS[type(module)].__new__(TWINS[type(module)])
     # Module state (parameters, buffers, hooks, training flag, flat-weight bookkeeping) lives in
-    # __dict__; sharing it keeps the same Parameter objects, so existing optimizers keep working.
-    twin.__dict__.update(module.__dict__)
-    twin.__dict__["_parameters"] = module._parameters
+    # __dict__. Containers are copied and their contents shared: the twin holds the very same
+    # Parameter objects (existing optimizers keep working) and hooks, without aliasing the dicts.
+    for key, value in module.__dict__.items():
+        twin.__dict__[key] = copy.copy(value) if isinstance(value, (dict, list)) else value
     twin._init_backend(backend)
     return twin
 

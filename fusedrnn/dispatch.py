@@ -51,10 +51,32 @@ def _import_kernels():
     """Import the Triton kernels once; returns (module, interpreted, error message or None)."""
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
     try:
-        module = importlib.import_module("fusedrnn.kernels")
+        try:
+            module = importlib.import_module("fusedrnn.kernels")
+        except ModuleNotFoundError as exc:
+            if exc.name != "fusedrnn.kernels":
+                raise
+            module = _import_kernels_from_checkout()
     except Exception as exc:  # noqa: BLE001 - any import failure means "Triton unusable", with why
         return None, interpreted, f"{type(exc).__name__}: {exc}"
     return module, interpreted, None
+
+
+def _import_kernels_from_checkout():
+    """A source checkout used without `pip install` (PYTHONPATH=.): kernels/ sits beside fusedrnn/."""
+    import importlib.util
+    import sys
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    init = os.path.join(path, "__init__.py")
+    if not os.path.exists(init):
+        raise ModuleNotFoundError("fusedrnn.kernels is not installed and no kernels/ directory "
+                                  "was found beside the fusedrnn package", name="fusedrnn.kernels")
+    spec = importlib.util.spec_from_file_location("fusedrnn.kernels", init,
+                                                  submodule_search_locations=[path])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fusedrnn.kernels"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def kernels():

@@ -108,8 +108,10 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
         return s if self.backend == "auto" else s + f", backend={self.backend!r}"
 
     def __setstate__(self, d):
+        for key, default in (("backend", "auto"), ("kernel", "auto"), ("last_backend", None),
+                             ("last_kernels", [])):
+            d.setdefault(key, default)
         super().__setstate__(d)
-        d.setdefault("backend", "auto")
 
     def forward(self, input, hx=None):
         self._update_flat_weights()

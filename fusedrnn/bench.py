@@ -1,0 +1,531 @@
+"""`fusedrnn bench`: time providers side by side over a sweep of shapes.
+
+Providers (each gets the same weights and inputs):
+    fusedrnn       fusedrnn module, backend="triton" (on CPU: the Triton interpreter, tiny shapes only)
+    fusedrnn-auto  fusedrnn module, backend="auto" (its default: Triton on CUDA, torch's fused ops on CPU)
+    cudnn          torch.nn on the GPU (cuDNN)
+    torch-cpu      torch.nn on the CPU
+    reference      fusedrnn module, backend="reference" (the PyTorch step loop)
+    compile        torch.compile of the reference module (only for T <= 128: compile unrolls the loop)
+Modes: forward (with autograd recording), backward (backward only, on a retained graph),
+fwdbwd (forward + backward), inference (torch.no_grad()).
+
+Timing. GPU: triton.testing.do_bench (CUDA events, L2 flushed between calls) after two warm-up
+calls, so compilation and autotuning stay out; median, p20 and p80. CPU: time.perf_counter around
+each call after a warm-up call, providers interleaved round by round (rotating who goes first) so
+that drifts in clock or load hit all of them alike; median, p20, p80.
+Reported per record: ms, tokens/s (T·B per second), achieved TFLOP/s (roofline.flops), peak memory
+(GPU: torch.cuda.max_memory_allocated after a reset, for one call), time ratio to the baseline
+(cudnn on GPU, torch-cpu on CPU; < 1 is faster), and the roofline floors (see fusedrnn/roofline.py)
+with efficiency = floor / measured.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+from .roofline import MODES, Problem, floors, format_roofline, gpu_spec, markdown_table, text_table
+from .roofline import flops as count_flops
+
+PROVIDERS = ("fusedrnn", "fusedrnn-auto", "cudnn", "reference", "torch-cpu", "compile")
+BACKEND_OF = {"fusedrnn": "triton", "fusedrnn-auto": "auto", "reference": "reference",
+              "compile": "reference"}
+CANON_DTYPE = {"fp64": "fp64", "float64": "fp64", "double": "fp64", "fp32": "fp32",
+               "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16",
+               "fp16": "fp16", "float16": "fp16", "half": "fp16"}
+# The interpreter costs ~0.05 s per launch: fusedrnn on CPU only below this many serial steps.
+INTERPRETER_MAX_STEPS = 16
+INTERPRETER_MAX_BH = 64 * 64
+COMPILE_MAX_T = 128
+
+# Standard shapes (the issue's): GPU sweep and CPU comparison.
+GPU_SWEEP = dict(batch=[1, 8, 16, 64, 256], hidden=[128, 256, 512, 1024], seq=[1024])
+GPU_QUICK = dict(batch=[8, 64], hidden=[256, 1024], seq=[256])
+CPU_STANDARD = [dict(seq=100, batch=64, hidden=256), dict(seq=500, batch=1, hidden=64)]
+CPU_QUICK = [dict(seq=8, batch=4, hidden=16)]
+
+
+# ----------------------------------------------------------------------------------------------
+# the sweep
+
+
+def sweep_problems(args, device):
+    """[Problem] for the flags (comma lists form a cartesian product), with device defaults."""
+    cuda = device == "cuda" or (device is None and args.roofline)
+    cells = args.cell or ["lstm"]
+    dtypes = [CANON_DTYPE[d] for d in (args.dtype or (["bf16"] if cuda else ["fp32"]))]
+    modes = args.mode or (["fwdbwd", "inference"])
+    layers = args.layers or [1]
+    bidis = args.bidirectional or [False]
+    projs = args.proj or [0]
+    if args.batch or args.hidden or args.seq or args.input:
+        if cuda:
+            base = GPU_QUICK if args.quick else GPU_SWEEP
+        else:
+            base = CPU_QUICK[0] if args.quick else CPU_STANDARD[0]
+            base = {k: [v] for k, v in base.items()}
+        shapes = [dict(seq=t, batch=b, hidden=h)
+                  for t in (args.seq or base["seq"]) for b in (args.batch or base["batch"])
+                  for h in (args.hidden or base["hidden"])]
+    elif cuda:
+        base = GPU_QUICK if args.quick else GPU_SWEEP
+        shapes = [dict(seq=t, batch=b, hidden=h)
+                  for t in base["seq"] for b in base["batch"] for h in base["hidden"]]
+    else:
+        shapes = CPU_QUICK if args.quick else CPU_STANDARD
+    inputs = args.input or [None]
+    out = []
+    for cell, dt, L, bi, proj, shp, inp, mode in itertools.product(
+            cells, dtypes, layers, bidis, projs, shapes, inputs, modes):
+        if proj and cell != "lstm":
+            continue
+        if proj and proj >= shp["hidden"]:
+            continue
+        out.append(Problem(cell=cell, seq=shp["seq"], batch=shp["batch"],
+                           input=inp or shp["hidden"], hidden=shp["hidden"], layers=L,
+                           bidirectional=bi, proj_size=proj, dtype=dt, mode=mode))
+    return out
+
+
+def default_providers(device, quick):
+    if device == "cuda":
+        return ["fusedrnn", "cudnn"]
+    return ["fusedrnn-auto", "torch-cpu"] + (["reference", "fusedrnn"] if quick else [])
+
+
+# ----------------------------------------------------------------------------------------------
+# building and running one provider
+
+
+def _torch_dtype(name):
+    import torch
+    return {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16,
+            "fp16": torch.float16}[name]
+
+
+def skip_reason(provider, p, device):
+    if provider == "cudnn" and device != "cuda":
+        return "needs CUDA"
+    if provider == "fusedrnn" and device != "cuda":
+        steps = p.num_layers * p.steps * p.dirs
+        if steps > INTERPRETER_MAX_STEPS or p.batch * max(p.hidden, p.input) > INTERPRETER_MAX_BH:
+            return ("Triton interpreter on CPU (~0.05 s per launch): only tiny shapes; "
+                    "see fusedrnn-auto for fusedrnn's CPU path")
+    if provider == "compile" and p.steps > COMPILE_MAX_T:
+        return f"torch.compile unrolls the step loop: skipped for T > {COMPILE_MAX_T}"
+    return None
+
+
+def build(provider, p, device, seed=0):
+    """(callable fn, tensors whose .grad to reset) for one provider, problem and mode."""
+    import torch
+
+    from .verify import build_torch_module, convert_copy
+
+    torch.manual_seed(seed)
+    base = build_torch_module(p.cell, p.input, p.hidden, p.num_layers, p.bidirectional,
+                              p.proj_size)
+    dev = "cpu" if provider == "torch-cpu" else device
+    dt = _torch_dtype(p.dtype)
+    if provider in ("cudnn", "torch-cpu"):
+        model = copy.deepcopy(base)
+    else:
+        model = convert_copy(base, BACKEND_OF[provider])
+    model = model.to(device=dev, dtype=dt)
+    if provider == "compile":
+        model = torch.compile(model)
+    gen = torch.Generator().manual_seed(seed + 1)
+    shape = (p.batch, p.input) if p.is_cell else (p.steps, p.batch, p.input)
+    train = p.mode != "inference"
+    x = torch.randn(shape, generator=gen).to(device=dev, dtype=dt).requires_grad_(train)
+    params = list(model.parameters())
+
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    if p.mode == "inference":
+        def fn():
+            with torch.no_grad():
+                model(x)
+        return fn, []
+    if p.mode == "forward":
+        def fn():
+            model(x)
+        return fn, []
+    with torch.no_grad():
+        y_shape = first(model(x)).shape
+    gy = torch.randn(y_shape, generator=gen).to(device=dev, dtype=dt)
+    if p.mode == "fwdbwd":
+        def fn():
+            first(model(x)).backward(gy)
+        return fn, [x] + params
+    y = first(model(x))
+
+    def fn():
+        y.backward(gy, retain_graph=True)
+    return fn, [x] + params
+
+
+def _clear(tensors):
+    for t in tensors:
+        t.grad = None
+
+
+def time_cuda(fn, grad_to_none, rep_ms):
+    import torch
+    from triton.testing import do_bench
+
+    for _ in range(2):  # compilation, autotuning, cuDNN plan selection
+        fn()
+        _clear(grad_to_none)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20
+    _clear(grad_to_none)
+    q = do_bench(fn, warmup=max(1, int(rep_ms // 4)), rep=max(1, int(rep_ms)),
+                 grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
+    return [float(v) for v in q], peak
+
+
+def time_cpu_interleaved(runs, budget_s, max_reps=200):
+    """runs: {name: (fn, grad_to_none)}. Warm up each, then interleave. {name: [times in ms]}."""
+    import numpy as np
+
+    est, times = {}, {}
+    for name, (fn, g) in runs.items():
+        _clear(g)
+        t0 = time.perf_counter()
+        fn()
+        est[name] = time.perf_counter() - t0
+        times[name] = []
+    reps = {n: int(min(max_reps, max(3, budget_s / max(e, 1e-6)))) for n, e in est.items()}
+    names = list(runs)
+    for r in range(max(reps.values())):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            if r >= reps[name]:
+                continue
+            fn, g = runs[name]
+            _clear(g)
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {n: [float(np.percentile(ts, q)) for q in (50, 20, 80)] for n, ts in times.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def environment(device):
+    import torch
+
+    env = {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpu": _cpu_name(),
+        "torch_threads": torch.get_num_threads(),
+        "argv": sys.argv,
+    }
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        env["triton"] = None
+    if device == "cuda":
+        env["device_name"] = torch.cuda.get_device_name()
+        env["cudnn"] = torch.backends.cudnn.version()
+        env["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+        env["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+    else:
+        env["device_name"] = env["cpu"]
+    env["git_commit"], env["git_dirty"] = _git()
+    env["interpreter"] = os.environ.get("TRITON_INTERPRET") == "1"
+    return env
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cpus)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    cwd=here, capture_output=True, text=True,
+                                    timeout=10).stdout.strip())
+        return commit, dirty
+    except Exception:  # noqa: BLE001 - no git, not a checkout
+        return None, None
+
+
+def _record(provider, p, device):
+    return {"provider": provider, "cell": p.cell, "seq": p.steps, "batch": p.batch,
+            "input": p.input, "hidden": p.hidden, "layers": p.num_layers,
+            "bidirectional": bool(p.bidirectional and not p.is_cell), "proj_size": p.proj_size,
+            "dtype": p.dtype, "mode": p.mode, "device": "cpu" if provider == "torch-cpu" else device,
+            "status": "skipped", "note": None, "median_ms": None, "p20_ms": None, "p80_ms": None,
+            "tokens_per_s": None, "tflops": None, "peak_mem_mb": None, "flops": count_flops(p),
+            "floors": None, "efficiency": None, "baseline": None, "vs_baseline": None,
+            "speedup": None}
+
+
+def run_sweep(problems, providers, device, spec, rep_ms=None, budget_s=None, progress=True,
+              quick=False):
+    import torch
+
+    baseline = "cudnn" if device == "cuda" else "torch-cpu"
+    records = []
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=len(problems) * len(providers), unit="run", dynamic_ncols=True,
+                       file=sys.stderr)
+        except ImportError:
+            bar = None
+    t_start = time.perf_counter()
+    for p in problems:
+        recs = {prov: _record(prov, p, device) for prov in providers}
+        over = budget_s is not None and time.perf_counter() - t_start > budget_s
+        runs = {}
+        for prov in providers:
+            r = recs[prov]
+            r["floors"] = floors(p, spec) if r["device"] == "cuda" or spec is not None else None
+            reason = "time budget exhausted" if over else skip_reason(prov, p, device)
+            if reason:
+                r["note"] = reason
+                continue
+            try:
+                runs[prov] = build(prov, p, device)
+            except Exception as exc:  # noqa: BLE001
+                r["status"], r["note"] = "error", f"{type(exc).__name__}: {exc}"[:300]
+        if device == "cuda":
+            for prov, (fn, g) in runs.items():
+                r = recs[prov]
+                if bar is not None:
+                    bar.set_description(f"{p.cell} {p.dtype} {p.mode} T{p.steps} B{p.batch} "
+                                        f"H{p.hidden} {prov}")
+                try:
+                    q, peak = time_cuda(fn, g, rep_ms or (40 if quick else 100))
+                    r.update(status="ok", peak_mem_mb=peak)
+                    r["median_ms"], r["p20_ms"], r["p80_ms"] = q
+                except Exception as exc:  # noqa: BLE001 - OOM, compile failure: record, go on
+                    r["status"], r["note"] = "error", f"{type(exc).__name__}: {exc}"[:300]
+                    torch.cuda.empty_cache()
+                if bar is not None:
+                    bar.update(1)
+            runs.clear()
+            torch.cuda.empty_cache()
+        elif runs:
+            cpu_runs = {k: v for k, v in runs.items() if recs[k]["device"] == "cpu"}
+            if bar is not None:
+                bar.set_description(f"{p.cell} {p.dtype} {p.mode} T{p.steps} B{p.batch} H{p.hidden}")
+            try:
+                res = time_cpu_interleaved(cpu_runs, (rep_ms or (300 if quick else 3000)) / 1e3)
+                for prov, q in res.items():
+                    recs[prov]["status"] = "ok"
+                    recs[prov]["median_ms"], recs[prov]["p20_ms"], recs[prov]["p80_ms"] = q
+            except Exception as exc:  # noqa: BLE001
+                for prov in cpu_runs:
+                    recs[prov]["status"], recs[prov]["note"] = "error", \
+                        f"{type(exc).__name__}: {exc}"[:300]
+            if bar is not None:
+                bar.update(len(runs))
+        if bar is not None:
+            bar.update(len(providers) - len(runs) if device == "cuda" else
+                       len(providers) - len(runs))
+        base_ms = recs[baseline]["median_ms"] if baseline in recs else None
+        for prov, r in recs.items():
+            ms = r["median_ms"]
+            if ms:
+                r["tokens_per_s"] = p.steps * p.batch / (ms / 1e3)
+                r["tflops"] = r["flops"] / (ms / 1e3) / 1e12
+                if r["floors"]:
+                    r["efficiency"] = r["floors"]["floor_ms"] / ms
+                if base_ms:
+                    r["baseline"] = baseline
+                    r["vs_baseline"] = ms / base_ms
+                    r["speedup"] = base_ms / ms
+            records.append(r)
+    if bar is not None:
+        bar.close()
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+
+HEADER = ("cell", "dtype", "mode", "T", "B", "I", "H", "L", "D", "provider", "ms", "p20-p80",
+          "tok/s", "TFLOP/s", "mem MB", "x base", "floor ms", "eff", "note")
+
+
+def _g(v, fmt):
+    return "-" if v is None else format(v, fmt)
+
+
+def table_rows(records):
+    rows = []
+    for r in records:
+        fl = r["floors"]
+        note = r["note"] or ""
+        if r["status"] == "error":
+            note = "ERROR " + note
+        rows.append((r["cell"], r["dtype"], r["mode"], r["seq"], r["batch"], r["input"],
+                     r["hidden"], r["layers"], 2 if r["bidirectional"] else 1, r["provider"],
+                     _g(r["median_ms"], ".3f"),
+                     "-" if r["p20_ms"] is None else f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}",
+                     _g(r["tokens_per_s"], ".3g"), _g(r["tflops"], ".3g"),
+                     _g(r["peak_mem_mb"], ".0f"), _g(r["vs_baseline"], ".2f"),
+                     _g(fl["floor_ms"] if fl else None, ".3f"), _g(r["efficiency"], ".2f"),
+                     note[:70]))
+    return rows
+
+
+def markdown(records, env, title="fusedrnn bench"):
+    lines = [f"# {title}", "",
+             f"- device: {env.get('device_name')} ({env['device']}), torch {env['torch']}, "
+             f"triton {env.get('triton')}, CUDA {env.get('cuda')}",
+             f"- git {env.get('git_commit')}{' (dirty)' if env.get('git_dirty') else ''}, "
+             f"{env['timestamp']}",
+             "- ms: median (p20-p80); x base: time / baseline time (cudnn on GPU, torch-cpu on "
+             "CPU), < 1 is faster; floor: max(compute, memory, grid-barrier) lower bound "
+             "(fusedrnn/roofline.py), eff = floor / ms", ""]
+    lines.append(markdown_table(HEADER, table_rows(records)))
+    return "\n".join(lines) + "\n"
+
+
+def plot(records, path):
+    """Speedup vs the baseline (or time, without one) across the sweep; one panel per
+    (cell, dtype, mode). Returns None, or why nothing was written."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as exc:  # noqa: BLE001
+        return f"matplotlib unavailable ({exc}): no plot"
+    groups = {}
+    for r in records:
+        groups.setdefault((r["cell"], r["dtype"], r["mode"]), []).append(r)
+    n = len(groups)
+    cols = min(n, 2)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 4 * rows), squeeze=False)
+    for ax, ((cell, dt, mode), recs) in zip(axes.flat, groups.items()):
+        shapes = []
+        for r in recs:
+            key = (r["seq"], r["batch"], r["input"], r["hidden"], r["layers"], r["bidirectional"])
+            if key not in shapes:
+                shapes.append(key)
+        labels = [f"T{s[0]} B{s[1]} H{s[3]}" + (f" L{s[4]}" if s[4] > 1 else "")
+                  + (" bi" if s[5] else "") for s in shapes]
+        has_base = any(r["speedup"] is not None for r in recs)
+        provs = sorted({r["provider"] for r in recs})
+        for prov in provs:
+            ys = []
+            for s in shapes:
+                r = next((r for r in recs if r["provider"] == prov and
+                          (r["seq"], r["batch"], r["input"], r["hidden"], r["layers"],
+                           r["bidirectional"]) == s), None)
+                v = None if r is None else (r["speedup"] if has_base else r["median_ms"])
+                ys.append(float("nan") if v is None else v)
+            if has_base and prov == recs[0].get("baseline") or all(y != y for y in ys):
+                continue
+            ax.plot(range(len(shapes)), ys, marker="o", label=prov)
+        if has_base:
+            ax.axhline(1.0, color="gray", lw=1, ls="--")
+            base = next(r["baseline"] for r in recs if r["baseline"])
+            ax.set_ylabel(f"speedup vs {base} (higher is better)")
+        else:
+            ax.set_ylabel("median ms")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(shapes)))
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{cell} {dt} {mode}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def cmd_bench(args, device):
+    problems = sweep_problems(args, device)
+    if args.roofline:
+        if gpu_spec(args.roofline) is None:
+            from .roofline import GPUS
+            print(f"fusedrnn bench: unknown GPU {args.roofline!r} for --roofline; known: "
+                  f"{', '.join(GPUS)}", file=sys.stderr)
+            return 2
+        print(format_roofline(problems, args.roofline))
+        return 0
+    providers = args.providers or default_providers(device, args.quick)
+    spec = None
+    env = environment(device)
+    if args.gpu_spec:
+        spec = gpu_spec(args.gpu_spec)
+        if spec is None:
+            print(f"fusedrnn bench: unknown --gpu-spec {args.gpu_spec!r}", file=sys.stderr)
+            return 2
+    elif device == "cuda":
+        spec = gpu_spec(env.get("device_name"))
+    env["floors_gpu"] = spec["name"] if spec else None
+    print(f"fusedrnn bench on {env['device_name']}: {len(problems)} points x "
+          f"{len(providers)} providers ({', '.join(providers)})", flush=True)
+    t0 = time.perf_counter()
+    records = run_sweep(problems, providers, device, spec, rep_ms=args.rep, budget_s=args.budget,
+                        progress=not args.no_progress, quick=args.quick)
+    env["seconds"] = time.perf_counter() - t0
+    print(text_table(HEADER, table_rows(records)))
+    notes = sorted({r["note"] for r in records if r["note"] and r["status"] == "skipped"})
+    for n in notes:
+        print(f"skipped: {n}")
+    if args.out:
+        _mkdir(args.out)
+        with open(args.out, "w") as f:
+            json.dump({"environment": env, "providers": providers, "records": records}, f,
+                      indent=1)
+        print(f"wrote {args.out}")
+    if args.md:
+        _mkdir(args.md)
+        with open(args.md, "w") as f:
+            f.write(markdown(records, env))
+        print(f"wrote {args.md}")
+    if args.plot:
+        _mkdir(args.plot)
+        why = plot(records, args.plot)
+        print(why if why else f"wrote {args.plot}")
+    n_err = sum(r["status"] == "error" for r in records)
+    print(f"{len(records)} records, {n_err} errors, {env['seconds']:.1f} s")
+    return 0
+
+
+def _mkdir(path):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+
+
+__all__ = ["run_sweep", "sweep_problems", "cmd_bench", "MODES", "PROVIDERS"]

@@ -1,0 +1,222 @@
+"""Lower bounds ("floors") for the time of an RNN layer stack on a given GPU.
+
+Three floors are computed for every benchmark point:
+
+* compute: FLOPs / the device's dense matmul rate for the dtype;
+* memory: the bytes this design must move (see `bytes_moved`) / HBM bandwidth;
+* sync: the serial per-time-step cost: T x one kernel launch per step and layer for the stepwise
+  kernel (``launch_ms``), or T x one grid-wide barrier for a persistent kernel (``barrier_ms``).
+
+``floor_ms`` = max(compute, memory, barrier) is what no implementation of this design can beat on
+the device (the barrier floor is used because a persistent kernel is the better of the two
+schedules); efficiency = floor_ms / measured. These are bounds, not predictions: the recurrent
+matmul per step is small and latency bound, so real times sit well above the FLOP floor at small B.
+
+FLOP counting (matmuls only, elementwise work ignored), per layer and direction:
+    forward   2·T·B·G·H·(I_l + P)  (+ 2·T·B·P·H with a projection)
+    backward  ≈ 2 x forward (grads of the activations and of the weights)
+where I_l is the input size of layer l (I for layer 0, D·P after), P = proj_size or H, G gates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1,
+         "lstmcell": 4, "grucell": 3, "rnncell": 1, "rnncell_relu": 1}
+
+# Peak dense (no structured sparsity) rates in TFLOP/s and HBM bandwidth in TB/s.
+# Sources: NVIDIA H100 Tensor Core GPU datasheet (H100 SXM5: BF16/FP16 989.4, TF32 494.7,
+# FP32 66.9, FP64 tensor 66.9 TFLOP/s, HBM3 3.35 TB/s); NVIDIA H200 datasheet (H200 SXM:
+# the same GH100 SM configuration and clocks as H100 SXM, HBM3e 4.8 TB/s, 141 GB); NVIDIA A100
+# datasheet (A100 SXM4 80GB: BF16/FP16 312, TF32 156, FP32 19.5, FP64 tensor 19.5 TFLOP/s,
+# HBM2e 2.039 TB/s).
+# float32 uses the non-tensor-core FP32 rate: fusedrnn computes float32 in full precision (no TF32),
+# which its 1e-5 tolerance needs. cuDNN may use TF32 for float32 when torch allows it, in which
+# case it can beat the float32 "floor" (the TF32 rate is listed for reference).
+# launch_us and barrier_us are ESTIMATES, not datasheet numbers: a back-to-back Triton launch
+# costs ~4-6 us of CPU+GPU overhead on Hopper, a software grid barrier (atomics in global memory)
+# ~1-2 us. Measure on the machine to refine.
+GPUS = {
+    "H100": dict(name="NVIDIA H100 SXM5 80GB", bf16=989.4, fp16=989.4, tf32=494.7, fp32=66.9,
+                 fp64=66.9, hbm_tbs=3.35, launch_us=5.0, barrier_us=1.5),
+    "H200": dict(name="NVIDIA H200 SXM 141GB", bf16=989.4, fp16=989.4, tf32=494.7, fp32=66.9,
+                 fp64=66.9, hbm_tbs=4.8, launch_us=5.0, barrier_us=1.5),
+    "A100": dict(name="NVIDIA A100 SXM4 80GB", bf16=312.0, fp16=312.0, tf32=156.0, fp32=19.5,
+                 fp64=19.5, hbm_tbs=2.039, launch_us=5.0, barrier_us=1.5),
+}
+
+DTYPE_BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
+MODES = ("forward", "backward", "fwdbwd", "inference")
+
+
+def gpu_spec(name):
+    """The table entry for a GPU given by key ("H200") or device name ("NVIDIA H200"); or None."""
+    if not name:
+        return None
+    up = name.upper()
+    if up in GPUS:
+        return GPUS[up]
+    for key, spec in GPUS.items():
+        if key in up:
+            return spec
+    return None
+
+
+@dataclass
+class Problem:
+    cell: str = "lstm"
+    seq: int = 1024
+    batch: int = 64
+    input: int = 256
+    hidden: int = 256
+    layers: int = 1
+    bidirectional: bool = False
+    proj_size: int = 0
+    dtype: str = "bf16"
+    mode: str = "fwdbwd"
+
+    @property
+    def is_cell(self):
+        return self.cell.endswith("cell") or self.cell == "rnncell_relu"
+
+    @property
+    def steps(self):
+        """Time steps actually run: a cell is benchmarked as one step."""
+        return 1 if self.is_cell else self.seq
+
+    @property
+    def dirs(self):
+        return 2 if (self.bidirectional and not self.is_cell) else 1
+
+    @property
+    def num_layers(self):
+        return 1 if self.is_cell else self.layers
+
+    @property
+    def state(self):
+        return self.proj_size if self.proj_size else self.hidden
+
+    def layer_inputs(self):
+        return [self.input if l == 0 else self.dirs * self.state for l in range(self.num_layers)]
+
+
+def forward_flops(p: Problem):
+    G, T, B, H, P = GATES[p.cell], p.steps, p.batch, p.hidden, p.state
+    total = 0
+    for I_l in p.layer_inputs():
+        per_dir = 2 * T * B * G * H * (I_l + P)
+        if p.proj_size:
+            per_dir += 2 * T * B * P * H
+        total += p.dirs * per_dir
+    return total
+
+
+def flops(p: Problem):
+    f = forward_flops(p)
+    return {"forward": f, "inference": f, "backward": 2 * f, "fwdbwd": 3 * f}[p.mode]
+
+
+def bytes_moved(p: Problem):
+    """Compulsory HBM traffic of this design (an estimate, see docs/design.md):
+
+    forward, per layer and direction: read x and the weights, write the input projection xg and
+    read it back, write y; in training also write the saved workspace (hp, gates, cs; float32, or
+    float64 for float64). backward: read the workspace and dy, write dxg (and dgh for GRU), read it
+    back twice (dW_ih and dx matmuls) plus x and hp again, write dx and the weight gradients.
+    """
+    e = DTYPE_BYTES[p.dtype]
+    ws = 8 if p.dtype == "fp64" else 4
+    G, T, B, H, P = GATES[p.cell], p.steps, p.batch, p.hidden, p.state
+    GH = G * H
+    W = 4 * H if G in (3, 4) else H
+    C = H if G == 4 else 0
+    fwd = bwd = 0
+    for I_l in p.layer_inputs():
+        for _ in range(p.dirs):
+            wbytes = (GH * (I_l + P) + GH * 2 + (P * H if p.proj_size else 0)) * e
+            fwd += T * B * I_l * e + wbytes + 2 * T * B * GH * e + T * B * P * e
+            work = T * B * (P + W + C) * ws  # the saved workspace
+            if p.mode != "inference":
+                fwd += work
+            bwd += (work + T * B * P * e                        # workspace, dy
+                    + T * B * GH * e * (2 if G == 3 else 1)     # write dxg (and dgh)
+                    + 2 * T * B * GH * e                        # read dxg for dW_ih and dx
+                    + T * B * I_l * e + T * B * P * ws          # x and hp for dW_ih, dW_hh
+                    + T * B * I_l * e + 2 * wbytes)             # write dx; weights and grads
+    return {"forward": fwd, "inference": fwd, "backward": bwd, "fwdbwd": fwd + bwd}[p.mode]
+
+
+def serial_steps(p: Problem):
+    """Sequential time steps (one launch or barrier each): per layer, forward T, backward T.
+    Both directions of a layer are assumed to run in the same launch."""
+    per_pass = p.num_layers * p.steps
+    return {"forward": per_pass, "inference": per_pass, "backward": per_pass,
+            "fwdbwd": 2 * per_pass}[p.mode]
+
+
+def rate_tflops(spec, dtype):
+    return spec[dtype]
+
+
+def floors(p: Problem, spec):
+    """A dict of floors in ms for problem p on GPU spec (an entry of GPUS), or None without spec."""
+    if spec is None:
+        return None
+    f, b, n = flops(p), bytes_moved(p), serial_steps(p)
+    compute_ms = f / (rate_tflops(spec, p.dtype) * 1e12) * 1e3
+    memory_ms = b / (spec["hbm_tbs"] * 1e12) * 1e3
+    launch_ms = n * spec["launch_us"] * 1e-3
+    barrier_ms = n * spec["barrier_us"] * 1e-3
+    return {
+        "gpu": spec["name"],
+        "flops": f,
+        "bytes": b,
+        "serial_steps": n,
+        "compute_ms": compute_ms,
+        "memory_ms": memory_ms,
+        "launch_ms": launch_ms,
+        "barrier_ms": barrier_ms,
+        "floor_ms": max(compute_ms, memory_ms, barrier_ms),
+    }
+
+
+def format_roofline(problems, gpu_key):
+    """A text table of the floors for each problem (used by `fusedrnn bench --roofline GPU`)."""
+    spec = gpu_spec(gpu_key)
+    if spec is None:
+        raise ValueError(f"unknown GPU {gpu_key!r}; known: {', '.join(GPUS)}")
+    lines = [
+        f"Roofline floors on {spec['name']}: matmul {spec['bf16']} TFLOP/s bf16/fp16 dense, "
+        f"{spec['fp32']} fp32 (no TF32), {spec['fp64']} fp64; HBM {spec['hbm_tbs']} TB/s; "
+        f"launch ~{spec['launch_us']} us, grid barrier ~{spec['barrier_us']} us (estimates).",
+        "floor = max(compute, memory, barrier); stepwise kernels also pay the launch floor.",
+    ]
+    hdr = ("cell", "dtype", "mode", "T", "B", "I", "H", "L", "D", "GFLOP", "MB",
+           "compute ms", "memory ms", "launch ms", "barrier ms", "floor ms")
+    rows = []
+    for p in problems:
+        fl = floors(p, spec)
+        rows.append((p.cell, p.dtype, p.mode, p.steps, p.batch, p.input, p.hidden, p.num_layers,
+                     p.dirs, f"{fl['flops'] / 1e9:.2f}", f"{fl['bytes'] / 1e6:.1f}",
+                     f"{fl['compute_ms']:.4f}", f"{fl['memory_ms']:.4f}",
+                     f"{fl['launch_ms']:.3f}", f"{fl['barrier_ms']:.3f}",
+                     f"{fl['floor_ms']:.4f}"))
+    lines.append(text_table(hdr, rows))
+    return "\n".join(lines)
+
+
+def text_table(header, rows):
+    rows = [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h))
+              for i, h in enumerate(header)]
+    fmt = "  ".join("{:>%d}" % w for w in widths)
+    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*r) for r in rows]
+    return "\n".join(out)
+
+
+def markdown_table(header, rows):
+    out = ["| " + " | ".join(str(h) for h in header) + " |",
+           "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
