@@ -6,13 +6,8 @@ use (see fusedrnn.dispatch).
 from .convert import convert
 from .dispatch import BACKENDS, BackendUnavailableError
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from .verify import verify  # after the submodule import, so the name is the function
 
 __version__ = "0.1.0"
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "verify", "BACKENDS",
            "BackendUnavailableError"]
-
-
-def verify(model, *example_inputs, **kwargs):
-    """Check the fused kernels against the float64 reference on a user's model; see fusedrnn.verify."""
-    from .verify import verify as _verify
-    return _verify(model, *example_inputs, **kwargs)
