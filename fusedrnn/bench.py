@@ -196,30 +196,43 @@ def time_cuda(fn, grad_to_none, rep_ms):
     return [float(v) for v in q], peak
 
 
-def time_cpu_interleaved(runs, budget_s, max_reps=200):
-    """runs: {name: (fn, grad_to_none)}. Warm up each, then interleave. {name: [times in ms]}."""
+def time_cpu_interleaved(runs, budget_s, max_reps=200, min_reps=5):
+    """runs: {name: (fn, grad_to_none)}. Two warm-up calls each, then providers interleaved round
+    by round. Returns ({name: [median, p20, p80] ms}, {name: error message})."""
     import numpy as np
 
-    est, times = {}, {}
+    est, times, errors = {}, {}, {}
     for name, (fn, g) in runs.items():
-        _clear(g)
-        t0 = time.perf_counter()
-        fn()
-        est[name] = time.perf_counter() - t0
+        try:
+            for _ in range(2):
+                _clear(g)
+                t0 = time.perf_counter()
+                fn()
+                est[name] = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 - this provider fails; the others still run
+            errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+            continue
         times[name] = []
-    reps = {n: int(min(max_reps, max(3, budget_s / max(e, 1e-6)))) for n, e in est.items()}
-    names = list(runs)
-    for r in range(max(reps.values())):
+    # Slow providers (the interpreter) get at least 3 reps, the others min_reps or more.
+    reps = {n: int(min(max_reps, max(3 if e > 0.5 else min_reps, budget_s / max(e, 1e-6))))
+            for n, e in est.items() if n in times}
+    names = list(times)
+    for r in range(max(reps.values(), default=0)):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            if r >= reps[name]:
+            if r >= reps[name] or name in errors:
                 continue
             fn, g = runs[name]
             _clear(g)
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {n: [float(np.percentile(ts, q)) for q in (50, 20, 80)] for n, ts in times.items()}
+            try:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+            except Exception as exc:  # noqa: BLE001
+                errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+    res = {n: [float(np.percentile(ts, q)) for q in (50, 20, 80)]
+           for n, ts in times.items() if n not in errors and ts}
+    return res, errors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,7 +324,7 @@ def run_sweep(problems, providers, device, spec, rep_ms=None, budget_s=None, pro
         runs = {}
         for prov in providers:
             r = recs[prov]
-            r["floors"] = floors(p, spec) if r["device"] == "cuda" or spec is not None else None
+            r["floors"] = floors(p, spec) if r["device"] == device else None
             reason = "time budget exhausted" if over else skip_reason(prov, p, device)
             if reason:
                 r["note"] = reason
@@ -320,6 +333,7 @@ def run_sweep(problems, providers, device, spec, rep_ms=None, budget_s=None, pro
                 runs[prov] = build(prov, p, device)
             except Exception as exc:  # noqa: BLE001
                 r["status"], r["note"] = "error", f"{type(exc).__name__}: {exc}"[:300]
+        n_timed = len(runs)
         if device == "cuda":
             for prov, (fn, g) in runs.items():
                 r = recs[prov]
@@ -341,20 +355,16 @@ def run_sweep(problems, providers, device, spec, rep_ms=None, budget_s=None, pro
             cpu_runs = {k: v for k, v in runs.items() if recs[k]["device"] == "cpu"}
             if bar is not None:
                 bar.set_description(f"{p.cell} {p.dtype} {p.mode} T{p.steps} B{p.batch} H{p.hidden}")
-            try:
-                res = time_cpu_interleaved(cpu_runs, (rep_ms or (300 if quick else 3000)) / 1e3)
-                for prov, q in res.items():
-                    recs[prov]["status"] = "ok"
-                    recs[prov]["median_ms"], recs[prov]["p20_ms"], recs[prov]["p80_ms"] = q
-            except Exception as exc:  # noqa: BLE001
-                for prov in cpu_runs:
-                    recs[prov]["status"], recs[prov]["note"] = "error", \
-                        f"{type(exc).__name__}: {exc}"[:300]
+            res, errors = time_cpu_interleaved(cpu_runs, (rep_ms or (300 if quick else 3000)) / 1e3)
+            for prov, q in res.items():
+                recs[prov]["status"] = "ok"
+                recs[prov]["median_ms"], recs[prov]["p20_ms"], recs[prov]["p80_ms"] = q
+            for prov, msg in errors.items():
+                recs[prov]["status"], recs[prov]["note"] = "error", msg
             if bar is not None:
-                bar.update(len(runs))
+                bar.update(n_timed)
         if bar is not None:
-            bar.update(len(providers) - len(runs) if device == "cuda" else
-                       len(providers) - len(runs))
+            bar.update(len(providers) - n_timed)
         base_ms = recs[baseline]["median_ms"] if baseline in recs else None
         for prov, r in recs.items():
             ms = r["median_ms"]
@@ -463,7 +473,8 @@ def plot(records, path):
         ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
         ax.set_title(f"{cell} {dt} {mode}")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
     fig.tight_layout()
@@ -483,6 +494,9 @@ def cmd_bench(args, device):
         print(format_roofline(problems, args.roofline))
         return 0
     providers = args.providers or default_providers(device, args.quick)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     spec = None
     env = environment(device)
     if args.gpu_spec:

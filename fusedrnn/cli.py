@@ -113,6 +113,8 @@ def build_parser():
                    help="stop timing new points after this many seconds (remaining: skipped)")
     b.add_argument("--rep", type=float, default=None, metavar="MS",
                    help="timing budget per measurement in ms (do_bench rep; CPU: total)")
+    b.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for CPU timing (default: torch's default)")
     b.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return p
 
@@ -152,8 +154,12 @@ def cmd_verify(args, device):
     import json
     import time
 
-    from . import verify as V
+    import importlib
+
     from .roofline import text_table
+
+    # fusedrnn.verify the attribute is the function; the module lives in sys.modules.
+    V = importlib.import_module("fusedrnn.verify")
 
     cells = args.cell or list(V.CELLS)
     dtypes = args.dtype or (["fp32", "fp64"] if args.quick else ["fp32", "fp64", "bf16", "fp16"])
@@ -178,7 +184,7 @@ def cmd_verify(args, device):
         if args.verbose:
             print(rep)
     print()
-    print(text_table(("case", "quantity", "rel err", "torch err", "tol", ""), rows))
+    print(text_table(("case", "quantity", "rel err", "torch err", "tol", ""), rows, left=(0, 1)))
     for rep in failed:
         print()
         print(rep)

@@ -205,11 +205,12 @@ def format_roofline(problems, gpu_key):
     return "\n".join(lines)
 
 
-def text_table(header, rows):
+def text_table(header, rows, left=()):
+    """A plain-text table; columns whose index is in `left` are left-aligned."""
     rows = [tuple(str(c) for c in r) for r in rows]
     widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h))
               for i, h in enumerate(header)]
-    fmt = "  ".join("{:>%d}" % w for w in widths)
+    fmt = "  ".join(("{:<%d}" if i in left else "{:>%d}") % w for i, w in enumerate(widths))
     out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*r) for r in rows]
     return "\n".join(out)

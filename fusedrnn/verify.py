@@ -214,7 +214,7 @@ class VerifyReport:
             lines.append(f"ERROR: {self.error}")
         if self.entries:
             lines.append(text_table(("quantity", "kind", "rel err", "torch err", "tol", ""),
-                                    self.rows()))
+                                    self.rows(), left=(0, 1)))
         lines += [f"note: {n}" for n in self.notes]
         n_ok = sum(e.passed for e in self.entries)
         lines.append(f"{'PASSED' if self.passed else 'FAILED'}: {n_ok}/{len(self.entries)} within "
@@ -262,7 +262,7 @@ def rel_error(a, ref):
 # running one model
 
 
-def _run(model, inputs, cotangents, cot_dtype):
+def _run(model, inputs, cotangents, cot_dtype, names=None):
     """Forward, then gradients of sum(<output, cotangent>) w.r.t. inputs and parameters.
 
     Returns ({name: output}, {name: grad}); cotangents (float64, by output name) are generated
@@ -270,7 +270,10 @@ def _run(model, inputs, cotangents, cot_dtype):
     """
     out = model(*inputs)
     outs = _leaves(out, "out")
-    in_leaves = [(n, t) for n, t in _leaves(inputs, "in") if t.requires_grad]
+    in_leaves = []
+    for i, a in enumerate(inputs):
+        name = names[i] if names and i < len(names) else f"in[{i}]"
+        in_leaves += [(n, t) for n, t in _leaves(a, name) if t.requires_grad]
     params = [(f"grad {n}", p) for n, p in model.named_parameters() if p.requires_grad]
     wrt = [(f"grad {n}", t) for n, t in in_leaves] + params
     diff_outs = [(n, o) for n, o in outs if o.requires_grad]
@@ -294,7 +297,8 @@ def _dropout_note(model):
     return False
 
 
-def verify(model, *example_inputs, backend="triton", dtype=None, kernel=None, label=""):
+def verify(model, *example_inputs, backend="triton", dtype=None, kernel=None, label="",
+           input_names=None):
     """Compare `model` converted to `backend` against the float64 reference on `example_inputs`.
 
     model: any nn.Module containing torch.nn (or fusedrnn) LSTM/GRU/RNN/*Cell modules; it is not
@@ -303,6 +307,7 @@ def verify(model, *example_inputs, backend="triton", dtype=None, kernel=None, la
     to `dtype` (default: the dtype of the model's parameters), and those with requires_grad=True
     get their gradients checked, along with every parameter's, for a fixed random cotangent.
     kernel: force "stepwise" or "persistent" Triton kernels (default: the module's choice).
+    input_names: names for the positional inputs in the report (default in[0], in[1], ...).
 
     Returns a VerifyReport: print it for a table; `.passed`, `.errors`, `.entries`.
     """
@@ -322,14 +327,15 @@ def verify(model, *example_inputs, backend="triton", dtype=None, kernel=None, la
     cot = {}
     ref_model = convert_copy(base, "reference").double()
     ref_out, ref_grad = _run(ref_model, _map(_map(example_inputs, _cast_input(dtype)),
-                                             _cast_input(torch.float64)), cot, dtype)
+                                             _cast_input(torch.float64)), cot, dtype, input_names)
 
     torch_out = torch_grad = None
     if backend != "torch":
         try:
             with _no_tf32():
                 torch_out, torch_grad = _run(convert_copy(base, "torch"),
-                                             _map(example_inputs, _cast_input(dtype)), cot, dtype)
+                                             _map(example_inputs, _cast_input(dtype)), cot, dtype,
+                                             input_names)
         except Exception as exc:  # noqa: BLE001 - torch.nn may not support this dtype/device
             report.notes.append(f"torch.nn could not run for comparison: {type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}")
@@ -337,7 +343,8 @@ def verify(model, *example_inputs, backend="triton", dtype=None, kernel=None, la
     try:
         test_model = convert_copy(base, backend, kernel)
         with _no_tf32():
-            out, grad = _run(test_model, _map(example_inputs, _cast_input(dtype)), cot, dtype)
+            out, grad = _run(test_model, _map(example_inputs, _cast_input(dtype)), cot, dtype,
+                                             input_names)
         report.routes = _routes(test_model)
     except Exception as exc:  # noqa: BLE001 - reported as a failure, not raised
         report.error = f"{type(exc).__name__}: {exc}"
@@ -516,7 +523,7 @@ def verify_grid(cases, device="cpu", backend="triton", kernel=None, progress=Non
     for case in cases:
         m, inputs = case_inputs(case, device)
         rep = verify(m, *inputs, backend=backend, dtype=case.dtype, kernel=kernel,
-                     label=case.label)
+                     label=case.label, input_names=("x", "hx"))
         if progress is not None:
             progress(case, rep)
         yield case, rep
@@ -528,7 +535,7 @@ def summary_rows(case, rep):
     for e in rep.entries:
         if e.kind == "output":
             g = "output"
-        elif e.name.startswith("grad in"):
+        elif e.name.startswith(("grad in", "grad x", "grad hx")):
             g = "grad inputs"
         else:
             g = "grad params"
