@@ -1,0 +1,97 @@
+"""Helpers shared by the step kernels of every family.
+
+Shape legend:
+    D directions  T steps  B batch  H hidden  P state (proj_size, or H)  G gates  GH = G * H
+    offs_b / mask_b (BLOCK_B,) batch rows of this program; offs_u / mask_u (BLOCK_U,) its units
+    t (BLOCK_B,) int64 time index of each row at step s; live (BLOCK_B,) row s < lengths[b]
+    dghbuf (2, D, B, GH)  ping-pong: hidden-side pre-activation gradients of the last step
+    carry  (2, D, B, P)   ping-pong: the part of dh_{t-1} that does not go through W_hh
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def row_time(s, T, offs_b, mask_b, p_len, REVERSE, HAS_LEN: tl.constexpr):
+    """Each row's time index at step s. The reverse direction walks each sequence backwards within
+    its own length; a dead row (s >= length) points at the padded position t = s, so every (t, b)
+    is written exactly once per direction and padded positions get their zeros for free."""
+    if HAS_LEN:
+        L = tl.load(p_len + offs_b, mask=mask_b, other=0).to(tl.int64)
+    else:
+        L = tl.zeros_like(offs_b).to(tl.int64) + T
+    live = (s < L) & mask_b
+    t = tl.where(live & REVERSE, L - 1 - s, s)
+    return t.to(tl.int64), live
+
+
+@triton.jit
+def bwd_dh_carry(
+    s, pid_d, offs_u, mask_u, offs_b, mask_b, T, B, H, P, D, G: tl.constexpr,
+    p_dhn, p_whh, p_dghbuf, p_carry, w0, w1, w2, w3,
+    HOIST: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, CACHE: tl.constexpr = "",
+):
+    """dh reaching h_s from step s + 1 (units offs_u, all batch rows of the tile), without dy:
+    carry_{s+1} + dgh_{s+1} W_hh[:, u]. Dead rows of step s+1 wrote dgh = 0 and carry = dh, so the
+    same formula passes their gradient through. Reduces over all GH rows in BLOCK_K chunks per
+    gate; when HOIST the per-gate (BLOCK_U, BLOCK_K >= H) weight tiles w0..w3 are already in
+    registers. No atomics: each output element is owned by exactly one program."""
+    CDT = p_carry.dtype.element_ty
+    o_state = offs_b[None, :] * P + offs_u[:, None]
+    mask_ub = mask_u[:, None] & mask_b[None, :]
+    if s == T - 1:
+        dh = tl.load(p_dhn + pid_d * B * P + o_state, mask=mask_ub, other=0.0).to(CDT)
+    else:
+        nxt = (s + 1) % 2
+        dh = tl.load(p_carry + (nxt * D + pid_d) * B * P + o_state, mask=mask_ub, other=0.0,
+                     cache_modifier=CACHE)
+        GH = G * H
+        p_w = p_whh + pid_d * GH * P
+        p_g = p_dghbuf + (nxt * D + pid_d) * B * GH
+        offs_k = tl.arange(0, BLOCK_K)
+        for g in tl.static_range(G):
+            for k0 in range(0, H, BLOCK_K):
+                kk = k0 + offs_k
+                mask_k = kk < H
+                if HOIST:
+                    if g == 0:
+                        b_w = w0
+                    elif g == 1:
+                        b_w = w1
+                    elif g == 2:
+                        b_w = w2
+                    else:
+                        b_w = w3
+                else:
+                    b_w = tl.load(p_w + (g * H + kk)[None, :] * P + offs_u[:, None],
+                                  mask=mask_u[:, None] & mask_k[None, :], other=0.0).to(CDT)
+                b_g = tl.load(p_g + offs_b[None, :] * GH + g * H + kk[:, None],
+                              mask=mask_k[:, None] & mask_b[None, :], other=0.0, cache_modifier=CACHE)
+                dh = tl.dot(b_w, b_g, dh, input_precision=PREC)
+    return dh
+
+
+@triton.jit
+def step_barrier(p_count, p_err, target, ok, GRID_SYNC: tl.constexpr, MAX_SPIN: tl.constexpr):
+    """End of a persistent step. One program per direction: a CTA barrier makes this program's
+    global writes visible to its own threads (a no-op in the interpreter, which runs threads in
+    lock step). Several programs (GRID_SYNC): a grid barrier on a monotonic arrive counter, target
+    = programs * steps so far. The spin is bounded: on timeout it raises the error flag and stops
+    waiting for the rest of the launch (ok = 0), so a broken co-residency never hangs the GPU; the
+    launcher checks the flag and raises."""
+    tl.debug_barrier()
+    if GRID_SYNC:
+        if ok != 0:
+            # Release publishes the whole CTA's writes: the debug_barrier above ordered them before
+            # this (scalar, single-thread) atomic.
+            tl.atomic_add(p_count, 1, sem="release")
+            seen = tl.atomic_add(p_count, 0, sem="acquire")
+            spins = 0
+            while (seen < target) & (spins < MAX_SPIN):
+                seen = tl.atomic_add(p_count, 0, sem="acquire")
+                spins += 1
+            if seen < target:
+                tl.atomic_xchg(p_err, 1)
+                ok = ok * 0
+        tl.debug_barrier()
+    return ok
