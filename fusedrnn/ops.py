@@ -103,7 +103,7 @@ def layer_backward(dy: Tensor, dhn: Tensor, dcn: Optional[Tensor], x: Tensor, w_
         db_ih = dxg2.sum(1, dtype=hp.dtype).to(dt)
         db_hh = dgh2.sum(1, dtype=hp.dtype).to(dt)
     else:
-        db_ih = db_hh = _empty(x)
+        db_ih, db_hh = _empty(x), _empty(x)
     if w_hr is not None:
         i, f, g, o = gates.chunk(4, dim=-1)
         h_raw = (o * torch.tanh(f * cs + i * g)).to(dt)
