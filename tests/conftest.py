@@ -19,6 +19,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Tests use tiny tensors: intra-op threads only add synchronisation (10x slower on a loaded 2-core
+# CI machine). FUSEDRNN_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("FUSEDRNN_TEST_THREADS", "1")))
+
 # Test modules import shared helpers (`from conftest import ...`, `import models`) whether or not
 # tests/ is a package and whatever pytest's import mode is.
 _HERE = os.path.dirname(os.path.abspath(__file__))
