@@ -33,7 +33,7 @@ MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 VARIANTS = ("stepwise", "persistent")
 # Bounded spin of the grid barrier: ~1e8 polls is seconds, far beyond any real step.
-MAX_SPIN = 100_000_000
+MAX_SPIN = tl.constexpr(100_000_000)
 
 
 @triton.jit
@@ -512,7 +512,7 @@ def _work_dtype(dtype):
 
 
 def _check_device(name, t):
-    if t.device.type == "cuda":
+    if t.device.type in ("cuda", "meta"):  # meta: kernels/aot.py lists configurations, never launches
         return
     if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         return
@@ -556,6 +556,9 @@ def _precision(dtype, allow_tf32):
 
 
 def _device_limits(device):
+    if device.type == "meta":
+        # Listing configurations for ahead-of-time compilation: an sm_90-sized device.
+        return 132, 227 * 1024
     if device.type != "cuda":
         # The interpreter runs programs one after another: only single-program plans can work.
         return 1, 1 << 20

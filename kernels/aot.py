@@ -1,0 +1,152 @@
+"""Ahead-of-time compilation of every kernel configuration the launchers can pick (no GPU needed).
+
+The configurations come from the launchers themselves: forward_launches / backward_launches run on
+meta tensors of a few shapes chosen to reach every block-size clamp, so this list cannot drift from
+the dispatch code. Used by tests/test_kernels_compile.py and bench/kernel_resources.py. Must run
+without TRITON_INTERPRET (which turns @triton.jit functions into interpreter objects).
+"""
+import itertools
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .scan import GATES, MODES, backward_launches, forward_launches, persistent_plan
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_SIG = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+        torch.int64: "i64", torch.int32: "i32"}
+# (B, H, P_proj): reach BLOCK_B 16/32, BLOCK_H 16/32/64 and BLOCK_K 16/32 in step_config, and a
+# persistent layer one program holds (H <= 32) as well as one that needs the grid barrier.
+STEP_SHAPES = ((3, 5, 3), (20, 24, 16), (64, 256, 128))
+PERSISTENT_SHAPES = ((3, 5, 3), (3, 32, 16))
+GRID_SYNC_SHAPES = ((8, 64, 32), (8, 128, 64))
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    kernel: object
+    signature: tuple      # ((arg name, type string), ...) in argument order
+    constexprs: tuple     # ((name, value), ...)
+    num_warps: int
+    dtype: str
+
+    @property
+    def name(self):
+        return self.kernel.__name__
+
+    @property
+    def label(self):
+        c = dict(self.constexprs)
+        flags = "".join(k[0] if c.get(n) else "-" for k, n in (("B", "HAS_BIAS"), ("L", "HAS_LEN"),
+                        ("J", "HAS_PROJ"), ("S", "SAVE"), ("P", "PERSISTENT"), ("X", "GRID_SYNC")))
+        return (f"{c.get('MODE', 'LSTM')}/{self.dtype}/{flags}/{c['PREC']}/"
+                f"B{c['BLOCK_B']}.H{c.get('BLOCK_H', c.get('BLOCK_P'))}.K{c['BLOCK_K']}/w{self.num_warps}")
+
+
+def _sig(fn, args, constexprs):
+    names = fn.arg_names
+    sig = []
+    for name, a in zip(names, args):
+        if isinstance(a, torch.Tensor):
+            sig.append((name, "*" + _SIG[a.dtype]))
+        elif isinstance(a, bool):
+            sig.append((name, "i1"))
+        else:
+            sig.append((name, "i32"))
+    for name in names[len(args):]:
+        if name not in constexprs:
+            raise KeyError(f"{fn.__name__}: no value for {name}")
+        sig.append((name, "constexpr"))
+    return tuple(sig)
+
+
+@contextmanager
+def _env(name, value):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def _layer(mode, dtype, B, H, P, proj, bias, lens, D=2, T=1):
+    G = GATES[mode]
+    m = dict(device="meta", dtype=dtype)
+    return dict(
+        xg=torch.empty(D, T, B, G * H, **m), w_hh=torch.empty(D, G * H, P, **m),
+        b_hh=torch.empty(D, G * H, **m) if bias else None, w_hr=torch.empty(D, P, H, **m) if proj else None,
+        h0=torch.empty(D, B, P, **m), c0=torch.empty(D, B, H, **m) if mode == "LSTM" else None,
+        lengths=torch.empty(B, dtype=torch.int64, device="meta") if lens else None)
+
+
+def _launches_of(mode, dtype, variant, B, H, Pp, bias, lens, save, tf32):
+    proj = Pp is not None and mode == "LSTM"
+    P = Pp if proj else H
+    L = _layer(mode, dtype, B, H, P, proj, bias, lens)
+    outs, fwd, _ = forward_launches(mode, L["xg"], L["w_hh"], L["b_hh"], L["w_hr"], L["h0"], L["c0"],
+                                    L["lengths"], save, variant, tf32)
+    fwd = list(fwd)
+    bwd = []
+    if save:
+        y, hn, cn, hp, gates, cs = outs
+        _, it, _ = backward_launches(mode, y, hn, cn if mode == "LSTM" else None, L["w_hh"], L["w_hr"],
+                                     L["lengths"], hp, gates, cs, variant, tf32)
+        bwd = list(it)
+    return fwd + bwd
+
+
+def kernel_configs(modes=MODES, dtypes=_DTYPES):
+    """Every distinct (kernel, signature, constexprs, num_warps) the launchers produce."""
+    seen = {}
+
+    def add(launches, dtype):
+        for ln in launches:
+            cfg = KernelConfig(ln.kernel, _sig(ln.kernel, ln.args, ln.constexprs),
+                               tuple(sorted(ln.constexprs.items())), ln.num_warps, _SIG[dtype])
+            seen.setdefault((cfg.name, cfg.signature, cfg.constexprs, cfg.num_warps), cfg)
+
+    for mode, dtype in itertools.product(modes, dtypes):
+        tf32s = (False,) if dtype == torch.float64 else (False, True)
+        for bias, lens, save, tf32 in itertools.product((False, True), (False, True), (False, True), tf32s):
+            for projs in ((None, "p") if mode == "LSTM" else (None,)):
+                for B, H, Pp in STEP_SHAPES:
+                    add(_launches_of(mode, dtype, "stepwise", B, H, Pp if projs else None, bias, lens,
+                                     save, tf32), dtype)
+                for B, H, Pp in PERSISTENT_SHAPES:
+                    add(_launches_of(mode, dtype, "persistent", B, H, Pp if projs else None, bias, lens,
+                                     save, tf32), dtype)
+                with _env("FUSEDRNN_GRID_BARRIER", "1"):
+                    for B, H, Pp in GRID_SYNC_SHAPES:
+                        P = Pp if projs and mode == "LSTM" else H
+                        plan = persistent_plan(mode, 2, B, H, P, dtype, 132, 227 * 1024)
+                        if plan is None or not plan.grid_sync:
+                            continue
+                        add(_launches_of(mode, dtype, "persistent", B, H, Pp if projs else None, bias,
+                                         lens, save, tf32), dtype)
+    return list(seen.values())
+
+
+def compile_config(cfg, arch=90):
+    """Compile one configuration for sm_<arch>; returns Triton's CompiledKernel (asm: ptx, cubin)."""
+    from triton.backends.compiler import GPUTarget
+    src = triton.compiler.ASTSource(fn=cfg.kernel, signature=dict(cfg.signature),
+                                    constexprs=dict(cfg.constexprs))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": cfg.num_warps})
+
+
+def ptxas_path():
+    """The ptxas Triton's CUDA backend will use, or None."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        p = get_ptxas()
+        return getattr(p, "path", p)
+    except Exception:
+        import shutil
+        return shutil.which("ptxas")
