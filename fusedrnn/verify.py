@@ -211,14 +211,15 @@ class VerifyReport:
                 f"{' routes=' + ','.join(self.routes) if self.routes else ''}")
         lines = [head]
         if self.error:
-            lines.append(f"ERROR: {self.error}")
+            err = self.error if len(self.error) <= 400 else self.error[:400] + " ..."
+            lines.append(f"ERROR: {err}")
         if self.entries:
             lines.append(text_table(("quantity", "kind", "rel err", "torch err", "tol", ""),
                                     self.rows(), left=(0, 1)))
         lines += [f"note: {n}" for n in self.notes]
         n_ok = sum(e.passed for e in self.entries)
         lines.append(f"{'PASSED' if self.passed else 'FAILED'}: {n_ok}/{len(self.entries)} within "
-                     f"tolerance ({self.seconds:.2f} s)")
+                     f"tolerance{', and an error' if self.error else ''} ({self.seconds:.2f} s)")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -298,7 +299,7 @@ def _dropout_note(model):
 
 
 def verify(model, *example_inputs, backend="triton", dtype=None, kernel=None, label="",
-           input_names=None):
+           input_names=None, no_grad=True):
     """Compare `model` converted to `backend` against the float64 reference on `example_inputs`.
 
     model: any nn.Module containing torch.nn (or fusedrnn) LSTM/GRU/RNN/*Cell modules; it is not
@@ -308,6 +309,8 @@ def verify(model, *example_inputs, backend="triton", dtype=None, kernel=None, la
     get their gradients checked, along with every parameter's, for a fixed random cotangent.
     kernel: force "stepwise" or "persistent" Triton kernels (default: the module's choice).
     input_names: names for the positional inputs in the report (default in[0], in[1], ...).
+    no_grad: also run the model under test inside torch.no_grad() (inference takes its own path)
+    and check those outputs ("no_grad out..." entries).
 
     Returns a VerifyReport: print it for a table; `.passed`, `.errors`, `.entries`.
     """
@@ -351,8 +354,23 @@ def verify(model, *example_inputs, backend="triton", dtype=None, kernel=None, la
         report.seconds = time.perf_counter() - t0
         return report
 
+    # Inference (torch.no_grad()) takes its own path in the layers (no workspace saved): check
+    # its outputs too, against the same oracle.
+    nograd_out = {}
+    if no_grad:
+        try:
+            with _no_tf32(), torch.no_grad():
+                o = test_model(*_map(example_inputs, _cast_input(dtype)))
+            nograd_out = {f"no_grad {n}": t for n, t in _leaves(o, "out")}
+        except Exception as exc:  # noqa: BLE001
+            report.error = f"under torch.no_grad(): {type(exc).__name__}: {exc}"
+
+    ng_ref = {f"no_grad {n}": t for n, t in ref_out.items()} if nograd_out else {}
+    ng_torch = ({f"no_grad {n}": t for n, t in torch_out.items()}
+                if nograd_out and torch_out is not None else None)
     for kind, mine, ref, theirs in (("output", out, ref_out, torch_out),
-                                    ("grad", grad, ref_grad, torch_grad)):
+                                    ("grad", grad, ref_grad, torch_grad),
+                                    ("output", nograd_out, ng_ref, ng_torch)):
         for name in ref:
             err = rel_error(mine.get(name), ref[name])
             terr = rel_error(theirs.get(name), ref[name]) if theirs is not None else None

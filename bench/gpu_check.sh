@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# The one-shot GPU check: bench/gpu_check.sh [RESULTS_DIR]   (or env FUSEDRNN_RESULTS)
+#
+# On a machine with one CUDA GPU (sized for an H200, finishes well inside 8 minutes; worst case,
+# every stage hitting its timeout: ~7 minutes):
+#   1. the GPU tests: pytest -m gpu tests (tests/test_gpu.py: fused vs float64 reference at real
+#      sizes, every cell and dtype, plus any other gpu-marked test)          timeout 110 s
+#   2. fusedrnn verify --device cuda (the full grid)                           timeout  80 s
+#   3. the standard sweep vs cuDNN: lstm, B in {1,8,16,64,256} x H in {128,256,512,1024},
+#      T=1024, fwd+bwd and inference, bf16 and fp32 (do_bench with a short rep; points left when
+#      the time budget runs out are recorded as skipped)                      timeout 170 s
+#   4. bf16 T=512 B=64 H=512 one layer fwd+bwd: lstm, gru, rnn_tanh vs cuDNN  timeout  40 s
+# Results (default bench/results/<gpu>-<date>/): env.txt, pytest.log, verify.txt, verify.json,
+# sweep.{json,md,png}, extra.{json,md,png}, summary.md. Each stage runs under `timeout`, so one
+# hang cannot eat the budget; a failed stage does not stop the others.
+# Needs no network and no pip: runs from this checkout (PYTHONPATH). matplotlib/tqdm optional.
+#
+# Without CUDA it rehearses: the GPU stages are skipped with a message, the CPU versions run
+# (verify --quick and bench --quick through the Triton interpreter), outputs are written, exit 0.
+# With CUDA the exit status is 1 if any stage failed or timed out.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python}
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+
+if timeout 60 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    CUDA=1
+    GPU=$(timeout 60 "$PY" -c "import torch; print(torch.cuda.get_device_name())" 2>/dev/null \
+          | tr -cs 'A-Za-z0-9' '-' | sed 's/^-*//; s/-*$//; s/^NVIDIA-//' | tr 'A-Z' 'a-z')
+    GPU=${GPU:-gpu}
+else
+    CUDA=0
+    GPU=cpu-rehearsal
+    export TRITON_INTERPRET=1
+fi
+OUT=${1:-${FUSEDRNN_RESULTS:-bench/results/${GPU}-$(date -u +%Y-%m-%d)}}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+SUMMARY=$OUT/summary.md
+STAGES=()
+FAILED=0
+
+stage() {  # stage NAME TIMEOUT_S LOGFILE CMD...
+    local name=$1 limit=$2 log=$3; shift 3
+    local t=$(date +%s) rc
+    echo "=== [$name] (timeout ${limit}s): $*"
+    timeout -k 10 "$limit" "$@" > >(tee "$log") 2>&1
+    rc=$?
+    wait
+    local dt=$(( $(date +%s) - t ))
+    local status=ok
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status="TIMEOUT"; FAILED=1
+    elif [ $rc -ne 0 ]; then status="FAILED (rc $rc)"; FAILED=1; fi
+    STAGES+=("| $name | $status | ${dt} s | $(basename "$log") |")
+    echo "=== [$name] $status in ${dt}s"
+}
+
+skip() {
+    echo "=== [$1] skipped: $2"
+    STAGES+=("| $1 | skipped: $2 | - | - |")
+}
+
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "git: $(git rev-parse HEAD 2>/dev/null) $(git status --porcelain --untracked-files=no 2>/dev/null | wc -l) modified files"
+    timeout 60 "$PY" - <<'EOF' 2>&1
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+try:
+    import triton; print("triton", triton.__version__)
+except Exception as e:
+    print("triton unavailable:", e)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, "sms", p.multi_processor_count, "mem GiB", round(p.total_memory / 2**30, 1),
+          "cc", f"{p.major}.{p.minor}", "cudnn", torch.backends.cudnn.version())
+for m in ("matplotlib", "tqdm", "pytest", "pytest_benchmark"):
+    try:
+        __import__(m); print(m, "ok")
+    except Exception:
+        print(m, "MISSING")
+EOF
+    command -v nvidia-smi >/dev/null && timeout 20 nvidia-smi 2>&1
+} > "$OUT/env.txt"
+cat "$OUT/env.txt"
+
+if [ $CUDA -eq 1 ]; then
+    stage "gpu tests" 110 "$OUT/pytest.log" \
+        "$PY" -m pytest -m gpu tests -q -p no:cacheprovider --durations=10
+    stage "verify cuda" 80 "$OUT/verify.txt" \
+        "$PY" -m fusedrnn verify --device cuda --json "$OUT/verify.json"
+    stage "sweep vs cudnn" 170 "$OUT/sweep.log" \
+        "$PY" -m fusedrnn bench --device cuda --cell lstm --batch 1,8,16,64,256 \
+        --hidden 128,256,512,1024 --seq 1024 --mode fwdbwd,inference --dtype bf16,fp32 \
+        --providers fusedrnn,cudnn --rep 30 --budget 140 --no-progress \
+        --out "$OUT/sweep.json" --md "$OUT/sweep.md" --plot "$OUT/sweep.png"
+    stage "bf16 T512 B64 H512" 40 "$OUT/extra.log" \
+        "$PY" -m fusedrnn bench --device cuda --cell lstm,gru,rnn_tanh --batch 64 --hidden 512 \
+        --seq 512 --layers 1 --mode fwdbwd --dtype bf16 --providers fusedrnn,cudnn --rep 50 \
+        --no-progress --out "$OUT/extra.json" --md "$OUT/extra.md" --plot "$OUT/extra.png"
+else
+    echo "no CUDA device: skipping the GPU stages; rehearsing the CPU versions (Triton interpreter)"
+    skip "gpu tests" "no CUDA"
+    skip "verify cuda" "no CUDA"
+    skip "sweep vs cudnn" "no CUDA"
+    skip "bf16 T512 B64 H512" "no CUDA"
+    stage "gpu tests (collect, all skip)" 60 "$OUT/pytest.log" \
+        "$PY" -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider
+    stage "verify cpu --quick" 150 "$OUT/verify.txt" \
+        "$PY" -m fusedrnn verify --quick --device cpu --json "$OUT/verify.json"
+    stage "bench cpu --quick" 150 "$OUT/sweep.log" \
+        "$PY" -m fusedrnn bench --quick --device cpu --no-progress --rep 200 \
+        --out "$OUT/sweep.json" --md "$OUT/sweep.md" --plot "$OUT/sweep.png"
+fi
+
+{
+    echo "# fusedrnn GPU check: $GPU"
+    echo
+    echo "- $(date -u +%Y-%m-%dT%H:%M:%SZ), $(( $(date +%s) - T0 )) s in total, results in $OUT"
+    [ $CUDA -eq 0 ] && echo "- NO CUDA: a CPU rehearsal; the GPU stages were skipped"
+    echo
+    echo "| stage | status | time | log |"
+    echo "|---|---|---|---|"
+    printf '%s\n' "${STAGES[@]}"
+    echo
+    echo '## Environment'
+    echo
+    echo '```'
+    cat "$OUT/env.txt"
+    echo '```'
+    if [ -f "$OUT/pytest.log" ]; then
+        echo
+        echo '## Tests'
+        echo
+        echo '```'
+        tail -n 25 "$OUT/pytest.log"
+        echo '```'
+    fi
+    if [ -f "$OUT/verify.txt" ]; then
+        echo
+        echo '## fusedrnn verify'
+        echo
+        echo '```'
+        grep -E "FAIL|ERROR|PASSED|FAILED" "$OUT/verify.txt" | tail -n 40
+        echo '```'
+    fi
+    for f in sweep extra; do
+        if [ -f "$OUT/$f.md" ]; then
+            echo
+            sed 's/^# /## /' "$OUT/$f.md"
+        fi
+    done
+} > "$SUMMARY"
+
+echo
+echo "results in $OUT (summary: $SUMMARY) after $(( $(date +%s) - T0 )) s"
+if [ $CUDA -eq 1 ]; then
+    exit $FAILED
+fi
+exit 0
