@@ -29,7 +29,7 @@ def row_time(s, T, offs_b, mask_b, p_len, REVERSE, HAS_LEN: tl.constexpr):
 def bwd_dh_carry(
     s, pid_d, offs_u, mask_u, offs_b, mask_b, T, B, H, P, D, G: tl.constexpr,
     p_dhn, p_whh, p_dghbuf, p_carry, w0, w1, w2, w3,
-    HOIST: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, CACHE: tl.constexpr = "",
+    HOIST: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, CACHE: tl.constexpr,
 ):
     """dh reaching h_s from step s + 1 (units offs_u, all batch rows of the tile), without dy:
     carry_{s+1} + dgh_{s+1} W_hh[:, u]. Dead rows of step s+1 wrote dgh = 0 and carry = dh, so the
@@ -67,7 +67,7 @@ def bwd_dh_carry(
                                   mask=mask_u[:, None] & mask_k[None, :], other=0.0).to(CDT)
                 b_g = tl.load(p_g + offs_b[None, :] * GH + g * H + kk[:, None],
                               mask=mask_k[:, None] & mask_b[None, :], other=0.0, cache_modifier=CACHE)
-                dh = tl.dot(b_w, b_g, dh, input_precision=PREC)
+                dh = tl.dot(b_w, b_g, dh, input_precision=PREC, out_dtype=CDT)
     return dh
 
 

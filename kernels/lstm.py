@@ -42,7 +42,7 @@ def lstm_proj_fwd_step(
     s, pid_d, pid_b, pid_p, T, B, H, P, D,
     p_hraw, p_whr, p_h0, p_hst, p_y, p_hn, p_len,
     HAS_LEN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREC: tl.constexpr, CACHE: tl.constexpr = "",
+    PREC: tl.constexpr, CACHE: tl.constexpr,
 ):
     """h = hraw W_hr^T for live rows; dead rows keep their state. Needs every hidden unit of hraw,
     which is why it is a separate launch (or, persistent, after a barrier) from the cell update."""
@@ -65,7 +65,7 @@ def lstm_proj_fwd_step(
                       other=0.0).to(CDT)
         b_r = tl.load(p_r + offs_b[None, :] * H + kk[:, None], mask=mask_k[:, None] & mask_b[None, :],
                       other=0.0, cache_modifier=CACHE)
-        acc = tl.dot(b_w, b_r, acc, input_precision=PREC)
+        acc = tl.dot(b_w, b_r, acc, input_precision=PREC, out_dtype=CDT)
 
     o_state = offs_b[None, :] * P + offs_p[:, None]
     if s == 0:
@@ -87,7 +87,7 @@ def lstm_proj_bwd_step(
     s, pid_d, pid_b, pid_p, T, B, H, P, D,
     p_dy, p_dhn, p_whh, p_len, p_dghbuf, p_carry, p_dhtot, p_dhp, p_dh0,
     HAS_LEN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREC: tl.constexpr, CACHE: tl.constexpr = "",
+    PREC: tl.constexpr, CACHE: tl.constexpr,
 ):
     """Total gradient reaching the projected state h_t (P units): carried + dy. Writes it for the
     cell kernel (which multiplies by W_hr) and as dhp; at s = -1 it is dh0."""
@@ -125,7 +125,7 @@ def lstm_proj_fwd_kernel(
 ):
     lstm_proj_fwd_step(s, tl.program_id(0), tl.program_id(1), tl.program_id(2), T, B, H, P, D,
                        p_hraw, p_whr, p_h0, p_hst, p_y, p_hn, p_len,
-                       HAS_LEN, BLOCK_B, BLOCK_P, BLOCK_K, PREC)
+                       HAS_LEN, BLOCK_B, BLOCK_P, BLOCK_K, PREC, "")
 
 
 @triton.jit
@@ -137,4 +137,4 @@ def lstm_proj_bwd_kernel(
 ):
     lstm_proj_bwd_step(s, tl.program_id(0), tl.program_id(1), tl.program_id(2), T, B, H, P, D,
                        p_dy, p_dhn, p_whh, p_len, p_dghbuf, p_carry, p_dhtot, p_dhp, p_dh0,
-                       HAS_LEN, BLOCK_B, BLOCK_P, BLOCK_K, PREC)
+                       HAS_LEN, BLOCK_B, BLOCK_P, BLOCK_K, PREC, "")

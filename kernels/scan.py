@@ -115,7 +115,7 @@ def scan_fwd_kernel(
             else:
                 mask_w = mask_j[:, None] & mask_k[None, :]
                 b_w0 = tl.load(p_w + o_w + k0, mask=mask_w, other=0.0).to(CDT)
-            acc_0 = tl.dot(b_w0, b_h, acc_0, input_precision=PREC)
+            acc_0 = tl.dot(b_w0, b_h, acc_0, input_precision=PREC, out_dtype=CDT)
             if G > 1:
                 if PERSISTENT:
                     b_w1 = w_1
@@ -123,14 +123,14 @@ def scan_fwd_kernel(
                 else:
                     b_w1 = tl.load(p_w + H * P + o_w + k0, mask=mask_w, other=0.0).to(CDT)
                     b_w2 = tl.load(p_w + 2 * H * P + o_w + k0, mask=mask_w, other=0.0).to(CDT)
-                acc_1 = tl.dot(b_w1, b_h, acc_1, input_precision=PREC)
-                acc_2 = tl.dot(b_w2, b_h, acc_2, input_precision=PREC)
+                acc_1 = tl.dot(b_w1, b_h, acc_1, input_precision=PREC, out_dtype=CDT)
+                acc_2 = tl.dot(b_w2, b_h, acc_2, input_precision=PREC, out_dtype=CDT)
             if G > 3:
                 if PERSISTENT:
                     b_w3 = w_3
                 else:
                     b_w3 = tl.load(p_w + 3 * H * P + o_w + k0, mask=mask_w, other=0.0).to(CDT)
-                acc_3 = tl.dot(b_w3, b_h, acc_3, input_precision=PREC)
+                acc_3 = tl.dot(b_w3, b_h, acc_3, input_precision=PREC, out_dtype=CDT)
         if HAS_BIAS:
             acc_0 += bias_0[:, None]
             if G > 1:
@@ -280,7 +280,7 @@ def scan_bwd_kernel(
                                   mask=mask_j[:, None] & mask_k[None, :], other=0.0).to(CDT)
                     b_d = tl.load(p_dt + offs_b[None, :] * P + kk[:, None],
                                   mask=mask_k[:, None] & mask_b[None, :], other=0.0, cache_modifier=CACHE)
-                    dh = tl.dot(b_r, b_d, dh, input_precision=PREC)
+                    dh = tl.dot(b_r, b_d, dh, input_precision=PREC, out_dtype=CDT)
             else:
                 dh = bwd_dh_carry(s, pid_d, offs_j, mask_j, offs_b, mask_b, T, B, H, P, D, G,
                                   p_dhn, p_whh, p_dghbuf, p_carry, w_0, w_1, w_2, w_3,

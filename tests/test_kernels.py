@@ -1,0 +1,314 @@
+"""fusedrnn.kernels (Triton) against fusedrnn.scan_torch, the same scan contract in PyTorch.
+
+Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before Triton is
+imported): every program runs in Python, ~0.05-0.3 s per launch, so shapes are tiny (T <= 4, B <= 3,
+H <= 5 except where a test needs more) and the dtype matrix is sampled: the full mode x direction x
+lengths x save x variant matrix in float64 and float32, a subset in float16 / bfloat16.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fusedrnn.kernels as K  # noqa: E402
+from fusedrnn import scan_torch  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.triton
+
+T, B, H, P_PROJ = 4, 3, 5, 3
+LENGTHS = [4, 1, 3]  # unsorted, one row dead after the first step, one full
+CELLS = [("LSTM", False), ("LSTM", True), ("GRU", False), ("RNN_TANH", False), ("RNN_RELU", False)]
+CELL_IDS = ["LSTM", "LSTM-proj", "GRU", "RNN_TANH", "RNN_RELU"]
+# Relative error norms vs the float64 reference. float64: the kernels do the same operations as
+# scan_torch in a different order (blocked dots, sigmoid via exp), ~1e-16 per op over a few steps.
+# float32: state and dots in float32 (ieee, not tf32), ~1e-7 per op, a few dozen ops deep.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    """Every tensor the launchers allocate starts as NaN: an element a kernel fails to write shows."""
+    K.set_poison(True)
+    yield
+    K.set_poison(False)
+
+
+def rel_err(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_layer(mode, proj, D, dtype, lengths=None, scale=1.0, T=T, B=B, H=H, seed=0):
+    """Inputs in `dtype`, drawn in float64 so every dtype sees the same values (up to rounding)."""
+    g = torch.Generator().manual_seed(seed)
+    G = K.GATES[mode]
+    P = P_PROJ if proj else H
+
+    def r(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype).to(DEVICE)
+
+    return dict(
+        xg=r(D, T, B, G * H, s=scale), w_hh=r(D, G * H, P, s=0.5), b_hh=r(D, G * H, s=0.5),
+        w_hr=r(D, P, H, s=0.5) if proj else None, h0=r(D, B, P), c0=r(D, B, H) if mode == "LSTM" else None,
+        lengths=torch.tensor(lengths, dtype=torch.int64, device=DEVICE) if lengths else None)
+
+
+def grads_for(mode, y, hn, cn, seed=1):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(t):
+        return torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype).to(t.device)
+
+    return r(y), r(hn), (r(cn) if mode == "LSTM" else None)
+
+
+def as64(layer):
+    return {k: (v.double() if v is not None and v.is_floating_point() else v) for k, v in layer.items()}
+
+
+def fwd(impl, mode, L, save, **kw):
+    return impl.scan_forward(mode, L["xg"], L["w_hh"], L["b_hh"], L["w_hr"], L["h0"], L["c0"], L["lengths"],
+                             save, **kw)
+
+
+def bwd(impl, mode, L, grads, ws, **kw):
+    dy, dhn, dcn = grads
+    return impl.scan_backward(mode, dy, dhn, dcn, L["w_hh"], L["w_hr"], L["lengths"], *ws, **kw)
+
+
+FWD_NAMES = ("y", "hn", "cn", "hp", "gates", "cs")
+BWD_NAMES = ("dxg", "dgh", "dh0", "dc0", "dhp")
+
+
+def check_finite(names, outs):
+    for name, o in zip(names, outs):
+        if o is not None:
+            assert not torch.isnan(o).any(), f"{name} has unwritten (NaN-poisoned) elements"
+
+
+# ----------------------------------------------------------------------------------------------
+# float64 / float32: the full matrix, against scan_torch in float64
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["stepwise", "persistent"])
+@pytest.mark.parametrize("save", [True, False], ids=["save", "nosave"])
+@pytest.mark.parametrize("lengths", [None, LENGTHS], ids=["full", "lengths"])
+@pytest.mark.parametrize("D", [1, 2])
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_matches_scan_torch(dtype, cell, D, lengths, save, variant):
+    mode, proj = cell
+    L = make_layer(mode, proj, D, dtype, lengths)
+    L64 = as64(L)
+    n0 = K.launch_count()
+    out = fwd(K, mode, L, save, variant=variant)
+    assert K.launch_count() > n0, "no kernel ran"
+    ref = fwd(scan_torch, mode, L64, True)
+    check_finite(FWD_NAMES, out)
+    tol = TOL[dtype]
+    wdt = torch.float64 if dtype == torch.float64 else torch.float32
+    for name, o, r in zip(FWD_NAMES[:3], out, ref):
+        assert o.dtype == dtype and o.shape == r.shape, name
+        if o.numel():
+            assert rel_err(o, r) < tol, f"{name}: {rel_err(o, r):.2e}"
+    if not save:
+        assert all(o.numel() == 0 for o in out[3:]), "save=False must allocate no workspace"
+        return
+    for name, o, r in zip(FWD_NAMES[3:], out[3:], ref[3:]):
+        assert o.dtype == wdt and o.shape == r.shape, name
+        if o.numel():
+            assert rel_err(o, r) < tol, f"{name}: {rel_err(o, r):.2e}"
+
+    grads = grads_for(mode, *out[:3])
+    n0 = K.launch_count()
+    g = bwd(K, mode, L, grads, out[3:], variant=variant)
+    assert K.launch_count() > n0, "no kernel ran"
+    # the reference backward runs on the reference workspace: the comparison is end to end
+    gref = bwd(scan_torch, mode, L64, tuple(x.double() if x is not None else None for x in grads), ref[3:])
+    check_finite(BWD_NAMES, g)
+    assert (g[1] is g[0]) == (mode != "GRU"), "dgh is dxg itself except for GRU"
+    assert (g[4] is None) == (not proj)
+    for name, o, r in zip(BWD_NAMES, g, gref):
+        if o is None:
+            continue
+        assert o.dtype == dtype and o.shape == r.shape, name
+        if o.numel():
+            assert rel_err(o, r) < tol, f"{name}: {rel_err(o, r):.2e}"
+
+
+# ----------------------------------------------------------------------------------------------
+# float16 / bfloat16: a subset, judged against torch's own error in the same dtype
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["stepwise", "persistent"])
+@pytest.mark.parametrize("cell", CELLS[:4], ids=CELL_IDS[:4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_half_precision(dtype, cell, variant):
+    """Inputs and outputs in half precision, state and dots in float32 (as scan_torch). The
+    reference is the float64 scan of the same (rounded) inputs; scan_torch run in `dtype` shows
+    what rounding the outputs alone costs. Our error may exceed it by 1.5x (summation order and
+    exp implementation move values across rounding boundaries) plus a floor of a tenth of the
+    dtype's epsilon for outputs that torch happens to round almost exactly."""
+    mode, proj = cell
+    D = 2
+    L = make_layer(mode, proj, D, dtype, LENGTHS)
+    L64 = as64(L)
+    out = fwd(K, mode, L, True, variant=variant)
+    check_finite(FWD_NAMES, out)
+    ref64 = fwd(scan_torch, mode, L64, True)
+    ref_dt = fwd(scan_torch, mode, L, True)
+    floor = 0.1 * torch.finfo(dtype).eps
+    for name, o, r64, rdt in zip(FWD_NAMES[:3], out, ref64, ref_dt):
+        if o.numel():
+            assert o.dtype == dtype
+            assert rel_err(o, r64) <= 1.5 * rel_err(rdt, r64) + floor, \
+                f"{name}: ours {rel_err(o, r64):.2e} torch {rel_err(rdt, r64):.2e}"
+    grads = grads_for(mode, *out[:3])
+    g = bwd(K, mode, L, grads, out[3:], variant=variant)
+    check_finite(BWD_NAMES, g)
+    g64 = bwd(scan_torch, mode, L64, tuple(x.double() if x is not None else None for x in grads), ref64[3:])
+    gdt = bwd(scan_torch, mode, L, grads, ref_dt[3:])
+    for name, o, r64, rdt in zip(BWD_NAMES, g, g64, gdt):
+        if o is not None and o.numel():
+            assert o.dtype == dtype
+            assert rel_err(o, r64) <= 1.5 * rel_err(rdt, r64) + floor, \
+                f"{name}: ours {rel_err(o, r64):.2e} torch {rel_err(rdt, r64):.2e}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Behaviour
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cell", [("LSTM", False), ("RNN_TANH", False)], ids=["LSTM", "RNN_TANH"])
+def test_saturated_activations(cell):
+    """|pre-activation| ~ 100: tanh as a ratio of exponentials would give inf/inf = NaN."""
+    mode, proj = cell
+    L = make_layer(mode, proj, 1, torch.float32, scale=100.0, T=2)
+    out = fwd(K, mode, L, True)
+    check_finite(FWD_NAMES, out)
+    ref = fwd(scan_torch, mode, as64(L), True)
+    assert rel_err(out[0], ref[0]) < 1e-5
+
+
+@pytest.mark.parametrize("cell", [("LSTM", True), ("GRU", False)], ids=["LSTM-proj", "GRU"])
+def test_deterministic(cell):
+    """No atomics in any reduction: two runs are bitwise equal."""
+    mode, proj = cell
+    L = make_layer(mode, proj, 2, torch.float32, LENGTHS)
+    runs = []
+    for _ in range(2):
+        out = fwd(K, mode, L, True)
+        g = bwd(K, mode, L, grads_for(mode, *out[:3]), out[3:])
+        runs.append([x for x in (*out, *g) if x is not None])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_persistent_launches_do_not_grow_with_T():
+    """The persistent variant runs the time loop inside the kernel: T=4 and T=12 make the same number
+    of launches, for the forward and for forward + backward."""
+    counts = []
+    for steps in (4, 12):
+        L = make_layer("RNN_TANH", False, 1, torch.float32, T=steps, B=2, H=3)
+        n0 = K.launch_count()
+        out = fwd(K, "RNN_TANH", L, True, variant="persistent")
+        n1 = K.launch_count()
+        bwd(K, "RNN_TANH", L, grads_for("RNN_TANH", *out[:3]), out[3:], variant="persistent")
+        counts.append((n1 - n0, K.launch_count() - n0))
+    assert counts[0] == counts[1], counts
+    assert counts[0] == (1, 2)
+
+
+def test_stepwise_launch_counts():
+    L = make_layer("LSTM", True, 2, torch.float32, T=2)
+    n0 = K.launch_count()
+    out = fwd(K, "LSTM", L, True)
+    assert K.launch_count() - n0 == 2 * 2  # cell + projection per step
+    n0 = K.launch_count()
+    bwd(K, "LSTM", L, grads_for("LSTM", *out[:3]), out[3:])
+    assert K.launch_count() - n0 == 2 * 2 + 1  # projection-side dh + cell per step, then dh0
+
+
+def test_persistent_plan():
+    # one program per direction when all weights fit its register budget
+    plan = K.persistent_plan("LSTM", 2, 3, 32, 32, torch.float32, 132, 227 * 1024)
+    assert plan is not None and plan.grid == (2, 1, 1) and not plan.grid_sync
+    assert plan.BLOCK_B >= 3 and plan.BLOCK_H >= 32 and plan.BLOCK_K >= 32
+    # too big for one CTA: None unless the (GPU-only, untested here) grid barrier is enabled
+    old = os.environ.pop("FUSEDRNN_GRID_BARRIER", None)
+    try:
+        assert K.persistent_plan("LSTM", 2, 8, 128, 128, torch.float32, 132, 227 * 1024) is None
+        os.environ["FUSEDRNN_GRID_BARRIER"] = "1"
+        plan = K.persistent_plan("LSTM", 2, 8, 128, 128, torch.float32, 132, 227 * 1024)
+        assert plan is not None and plan.grid_sync and 2 * plan.grid[2] <= 132
+        # every program must be resident at once
+        assert K.persistent_plan("LSTM", 2, 8, 128, 128, torch.float32, 4, 227 * 1024) is None
+        assert K.persistent_plan("LSTM", 1, 8, 4096, 4096, torch.float32, 132, 227 * 1024) is None
+        assert K.persistent_plan("GRU", 1, 500, 16, 16, torch.float32, 132, 227 * 1024) is None
+    finally:
+        os.environ.pop("FUSEDRNN_GRID_BARRIER", None)
+        if old is not None:
+            os.environ["FUSEDRNN_GRID_BARRIER"] = old
+    with pytest.raises(ValueError, match="persistent"):
+        L = make_layer("RNN_TANH", False, 1, torch.float32, B=2, H=300, T=1)
+        fwd(K, "RNN_TANH", L, False, variant="persistent")
+
+
+def _misuse_cases():
+    def base(**kw):
+        L = make_layer("LSTM", False, 2, torch.float32, LENGTHS)
+        L.update(kw)
+        return L
+    good = base()
+    other = "meta"
+    return [
+        ("xg", dict(xg=good["xg"][0]), "xg must have 4 dimensions"),
+        ("w_hh", dict(w_hh=good["w_hh"][:, :-1]), "w_hh must have shape"),
+        ("h0", dict(h0=good["h0"][:, :2]), "h0 must have shape"),
+        ("c0-missing", dict(c0=None), "c0 must be a tensor"),
+        ("int-dtype", dict(xg=good["xg"].to(torch.int32)), "xg must be float16"),
+        ("dtype-mix", dict(h0=good["h0"].double()), "h0 must have dtype"),
+        ("lengths-int32", dict(lengths=good["lengths"].int()), "lengths must have dtype"),
+        ("device", dict(h0=good["h0"].to(other)), "h0 is on meta"),
+        ("strided", dict(w_hh=good["w_hh"].transpose(1, 2).contiguous().transpose(1, 2)), "w_hh must be contiguous"),
+        ("proj-non-lstm", dict(w_hr=torch.zeros(2, H, H, device=DEVICE)), None),
+    ], base
+
+
+def test_misuse_raises_value_error_before_launch():
+    cases, base = _misuse_cases()
+    for name, kw, msg in cases:
+        L = base(**kw)
+        mode = "GRU" if name == "proj-non-lstm" else "LSTM"
+        if mode == "GRU":
+            L = make_layer("GRU", False, 2, torch.float32)
+            L["w_hr"] = kw["w_hr"]
+        n0 = K.launch_count()
+        with pytest.raises(ValueError, match=msg):
+            fwd(K, mode, L, True)
+        assert K.launch_count() == n0, name
+    L = base()
+    with pytest.raises(ValueError, match="mode"):
+        fwd(K, "LSTMX", L, True)
+    with pytest.raises(ValueError, match="variant"):
+        fwd(K, "LSTM", L, True, variant="fast")
+    # backward: a workspace from save=False, and wrong-dtype gradients
+    out = fwd(K, "LSTM", L, False)
+    grads = grads_for("LSTM", *out[:3])
+    n0 = K.launch_count()
+    with pytest.raises(ValueError, match="hp"):
+        bwd(K, "LSTM", L, grads, out[3:])
+    out = fwd(K, "LSTM", L, True)
+    n0 = K.launch_count()
+    with pytest.raises(ValueError, match="dy must have"):
+        bwd(K, "LSTM", L, (grads[0][:2], grads[1], grads[2]), out[3:])
+    with pytest.raises(ValueError, match="dhn must have dtype"):
+        bwd(K, "LSTM", L, (grads[0], grads[1].double(), grads[2]), out[3:])
+    with pytest.raises(ValueError, match="gates must have dtype"):
+        bwd(K, "LSTM", L, grads, (out[3], out[4].double(), out[5]))
+    assert K.launch_count() == n0
