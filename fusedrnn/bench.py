@@ -159,8 +159,7 @@ def build(provider, p, device, seed=0):
         def fn():
             model(x)
         return fn, []
-    with torch.no_grad():
-        y_shape = first(model(x)).shape
+    y_shape = (p.batch, p.hidden) if p.is_cell else (p.steps, p.batch, p.dirs * p.state)
     gy = torch.randn(y_shape, generator=gen).to(device=dev, dtype=dt)
     if p.mode == "fwdbwd":
         def fn():
@@ -334,25 +333,23 @@ def run_sweep(problems, providers, device, spec, rep_ms=None, budget_s=None, pro
             except Exception as exc:  # noqa: BLE001
                 r["status"], r["note"] = "error", f"{type(exc).__name__}: {exc}"[:300]
         n_timed = len(runs)
-        if device == "cuda":
-            for prov, (fn, g) in runs.items():
-                r = recs[prov]
-                if bar is not None:
-                    bar.set_description(f"{p.cell} {p.dtype} {p.mode} T{p.steps} B{p.batch} "
-                                        f"H{p.hidden} {prov}")
-                try:
-                    q, peak = time_cuda(fn, g, rep_ms or (40 if quick else 100))
-                    r.update(status="ok", peak_mem_mb=peak)
-                    r["median_ms"], r["p20_ms"], r["p80_ms"] = q
-                except Exception as exc:  # noqa: BLE001 - OOM, compile failure: record, go on
-                    r["status"], r["note"] = "error", f"{type(exc).__name__}: {exc}"[:300]
-                    torch.cuda.empty_cache()
-                if bar is not None:
-                    bar.update(1)
-            runs.clear()
-            torch.cuda.empty_cache()
-        elif runs:
-            cpu_runs = {k: v for k, v in runs.items() if recs[k]["device"] == "cpu"}
+        cuda_runs = {k: v for k, v in runs.items() if recs[k]["device"] == "cuda"}
+        cpu_runs = {k: v for k, v in runs.items() if recs[k]["device"] == "cpu"}
+        for prov, (fn, g) in cuda_runs.items():
+            r = recs[prov]
+            if bar is not None:
+                bar.set_description(f"{p.cell} {p.dtype} {p.mode} T{p.steps} B{p.batch} "
+                                    f"H{p.hidden} {prov}")
+            try:
+                q, peak = time_cuda(fn, g, rep_ms or (40 if quick else 100))
+                r.update(status="ok", peak_mem_mb=peak)
+                r["median_ms"], r["p20_ms"], r["p80_ms"] = q
+            except Exception as exc:  # noqa: BLE001 - OOM, compile failure: record, go on
+                r["status"], r["note"] = "error", f"{type(exc).__name__}: {exc}"[:300]
+                torch.cuda.empty_cache()
+            if bar is not None:
+                bar.update(1)
+        if cpu_runs:
             if bar is not None:
                 bar.set_description(f"{p.cell} {p.dtype} {p.mode} T{p.steps} B{p.batch} H{p.hidden}")
             res, errors = time_cpu_interleaved(cpu_runs, (rep_ms or (300 if quick else 3000)) / 1e3)
@@ -362,7 +359,10 @@ def run_sweep(problems, providers, device, spec, rep_ms=None, budget_s=None, pro
             for prov, msg in errors.items():
                 recs[prov]["status"], recs[prov]["note"] = "error", msg
             if bar is not None:
-                bar.update(n_timed)
+                bar.update(len(cpu_runs))
+        runs.clear()
+        if cuda_runs:
+            torch.cuda.empty_cache()
         if bar is not None:
             bar.update(len(providers) - n_timed)
         base_ms = recs[baseline]["median_ms"] if baseline in recs else None

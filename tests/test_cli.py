@@ -152,3 +152,40 @@ def test_bad_flags_message_from_command_line():
     assert r.returncode == 2 and "not an integer" in r.stderr
     r = run_cli("bench", "--roofline", "Z80", timeout=60)
     assert r.returncode == 2 and "unknown GPU" in r.stderr
+
+
+def test_bench_gpu_bookkeeping_with_mocked_timer(monkeypatch, tmp_path):
+    """The CUDA branch of the sweep (records, floors, ratio to cudnn, plot), with the timer and
+    the models mocked so that it runs without a GPU."""
+    from fusedrnn import bench
+
+    def fake_build(provider, p, device):
+        def fn():
+            pass
+        fn.ms = {"cudnn": 2.0, "fusedrnn": 1.0}[provider]
+        return fn, []
+
+    def fake_time_cuda(fn, grads, rep_ms):
+        return [fn.ms, 0.9 * fn.ms, 1.1 * fn.ms], 123.0
+
+    monkeypatch.setattr(bench, "build", fake_build)
+    monkeypatch.setattr(bench, "time_cuda", fake_time_cuda)
+    from fusedrnn.roofline import Problem, gpu_spec
+
+    problems = [Problem(cell="lstm", seq=1024, batch=b, input=256, hidden=256, dtype="bf16",
+                        mode=m) for b in (8, 64) for m in ("fwdbwd", "inference")]
+    recs = bench.run_sweep(problems, ["fusedrnn", "cudnn"], "cuda", gpu_spec("NVIDIA H200"),
+                           progress=False)
+    assert len(recs) == 8 and all(r["status"] == "ok" for r in recs)
+    for r in recs:
+        assert r["peak_mem_mb"] == 123.0 and r["baseline"] == "cudnn"
+        assert r["floors"]["gpu"].startswith("NVIDIA H200")
+        assert r["efficiency"] == pytest.approx(r["floors"]["floor_ms"] / r["median_ms"])
+        if r["provider"] == "fusedrnn":
+            assert r["vs_baseline"] == 0.5 and r["speedup"] == 2.0
+    png = tmp_path / "gpu.png"
+    assert bench.plot(recs, str(png)) is None and png.stat().st_size > 1000
+    md = bench.markdown(recs, {"device": "cuda", "device_name": "NVIDIA H200", "torch": "x",
+                               "triton": "y", "cuda": "z", "git_commit": "c", "git_dirty": False,
+                               "timestamp": "t"})
+    assert md.count("| lstm |") == 8
