@@ -614,7 +614,7 @@ def forward_launches(mode, xg, w_hh, b_hh, w_hr, h0, c0, lengths, save, variant,
         gates = _new((D, T, B, W), wdt, dev)
         cs = _new((D, T, B, H if mode == "LSTM" else 0), wdt, dev)
     else:
-        hp = gates = cs = xg.new_empty(0, dtype=wdt)
+        hp, gates, cs = (xg.new_empty(0, dtype=wdt) for _ in range(3))  # distinct: op outputs may not alias
     hst = _new((2, D, B, P), wdt, dev)
     cst = _new((2, D, B, H), wdt, dev) if mode == "LSTM" else hst
     hraw = _new((D, B, H), wdt, dev) if w_hr is not None else hst
