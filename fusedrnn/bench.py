@@ -118,6 +118,9 @@ def skip_reason(provider, p, device):
         if steps > INTERPRETER_MAX_STEPS or p.batch * max(p.hidden, p.input) > INTERPRETER_MAX_BH:
             return ("Triton interpreter on CPU (~0.05 s per launch): only tiny shapes; "
                     "see fusedrnn-auto for fusedrnn's CPU path")
+    if provider == "compile" and p.mode == "backward":
+        return ("a compiled backward cannot run twice on a retained graph: see the compile "
+                "fwdbwd record")
     if provider == "compile" and p.steps > COMPILE_MAX_T:
         return f"torch.compile unrolls the step loop: skipped for T > {COMPILE_MAX_T}"
     return None
