@@ -1,0 +1,181 @@
+"""torch.compile traces models made of fusedrnn layers and cells (default backend, CPU).
+
+fullgraph=True makes any graph break an error. Each layer (and each cell call) is one opaque
+`fusedrnn::layer` node, so graphs and compile times do not grow with the sequence length.
+Compiles are expensive on 2 cores (inductor builds C++): these tests are few and tiny.
+
+Tolerances: eager runs torch's fused ops, compiled code runs fusedrnn's PyTorch scan; in float64
+they agree to summation order (1e-12, see test_modules.py). Inductor in float32 may also reorder
+and fuse float32 arithmetic around the op: 1e-4 (still > 100x below what any real bug gives).
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._dynamo.backends.common import aot_autograd
+
+import fusedrnn
+from conftest import assert_close_rel
+
+
+class CompileModel(nn.Module):
+    """A 2-layer bidirectional LSTM, a GRU and an LSTMCell / RNNCell loop over 2 steps."""
+
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        self.lstm = fusedrnn.LSTM(3, 5, num_layers=2, bidirectional=True, batch_first=True,
+                                  dtype=dtype)
+        self.gru = fusedrnn.GRU(10, 4, dtype=dtype)
+        self.cell = fusedrnn.LSTMCell(4, 3, dtype=dtype)
+        self.rnn_cell = fusedrnn.RNNCell(3, 2, nonlinearity="relu", dtype=dtype)
+
+    # fusedrnn.layer calls per forward: 2 (LSTM) + 1 (GRU) + 2 (cells)
+    LAYER_CALLS = 5
+
+    def forward(self, x, h0):
+        y, (h, c) = self.lstm(x)
+        z, hg = self.gru(y.transpose(0, 1), h0)
+        hc, cc = self.cell(z[-1])
+        r = self.rnn_cell(hc)
+        return y, h, c, z, hg, hc, cc, r
+
+
+def _inputs(T, dtype=torch.float64, B=2):
+    return torch.randn(B, T, 3, dtype=dtype), torch.randn(1, B, 4, dtype=dtype)
+
+
+def _run(model, inputs):
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    model.zero_grad(set_to_none=True)
+    outs = model(*leaves)
+    gen = torch.Generator().manual_seed(0)
+    sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() for o in outs).backward()
+    module = getattr(model, "_orig_mod", model)        # a compiled module wraps the original
+    return list(outs), [x.grad for x in leaves], {n: p.grad for n, p in module.named_parameters()}
+
+
+def _assert_same(got, ref, tol, what):
+    assert_close_rel(got[0], ref[0], tol, f"{what}: outputs")
+    assert_close_rel(got[1], ref[1], tol, f"{what}: input grads")
+    for n in ref[2]:
+        assert_close_rel(got[2][n], ref[2][n], tol, f"{what}: grad of {n}")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compile_aot_eager_fullgraph_matches_eager():
+    model = CompileModel()
+    inputs = _inputs(4)
+    eager = _run(model, inputs)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    _assert_same(_run(compiled, inputs), eager, 1e-12, "aot_eager")
+    # training mode with dropout between layers compiles too (randomness aside, shapes agree)
+    model.lstm.dropout = 0.5
+    out = torch.compile(model, backend="aot_eager", fullgraph=True)(*inputs)
+    assert [o.shape for o in out] == [o.shape for o in eager[0]]
+    # eval mode, no grad: same values as eager
+    model.lstm.dropout = 0.0
+    model.eval()
+    with torch.no_grad():
+        expected = model(*inputs)
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(*inputs)
+    assert_close_rel(list(got), list(expected), 1e-12, "aot_eager eval/no_grad")
+
+
+def test_compile_inductor_fullgraph_matches_eager():
+    model = CompileModel(dtype=torch.float32)
+    inputs = _inputs(4, dtype=torch.float32)
+    eager = _run(model, inputs)
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+    _assert_same(_run(compiled, inputs), eager, 1e-4, "inductor")
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_compile_packed_and_unbatched(fullgraph):
+    """A PackedSequence (unsorted) and an unbatched input compile and match eager; with
+    fullgraph=True without any graph break. (pack_padded_sequence itself is skipped by dynamo,
+    so the packing happens outside the compiled function.)"""
+    lstm = fusedrnn.LSTM(3, 4, bidirectional=True, proj_size=2, dtype=torch.float64)
+    gru = fusedrnn.GRU(3, 4, dtype=torch.float64)
+
+    def f(packed, u):
+        y, (h, c) = lstm(packed)
+        yu, hu = gru(u)
+        return y.data, h, c, yu, hu
+
+    x, u = torch.randn(4, 3, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([2, 4, 3]), enforce_sorted=False)
+    expected = f(packed, u)
+    got = torch.compile(f, backend="aot_eager", fullgraph=fullgraph)(packed, u)
+    assert_close_rel(list(got), list(expected), 1e-12, "packed/unbatched compiled")
+
+
+class _GraphRecorder:
+    """An aot_autograd backend that keeps the forward and backward graphs it is given."""
+
+    def __init__(self):
+        self.fw, self.bw = [], []
+
+        def fw(gm, example_inputs):
+            self.fw.append(gm)
+            return gm.forward
+
+        def bw(gm, example_inputs):
+            self.bw.append(gm)
+            return gm.forward
+
+        self.backend = aot_autograd(fw_compiler=fw, bw_compiler=bw)
+
+    @staticmethod
+    def count(graphs, prefix):
+        return sum(1 for g in graphs for n in g.graph.nodes
+                   if n.op == "call_function" and str(n.target).split(".")[:2] == prefix.split("."))
+
+    @staticmethod
+    def size(graphs):
+        return sum(len(g.graph.nodes) for g in graphs)
+
+
+def _compile_first_call_seconds(model, T):
+    """Wall time of the first forward+backward of a fresh compile (aot_eager) at length T."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+    inputs = [x.requires_grad_() for x in _inputs(T)]
+    start = time.perf_counter()
+    outs = compiled(*inputs)
+    sum(o.sum() for o in outs).backward()
+    return time.perf_counter() - start
+
+
+def test_graph_and_compile_time_do_not_grow_with_sequence_length():
+    model = CompileModel()
+    sizes = {}
+    for T in (4, 256):
+        torch._dynamo.reset()
+        rec = _GraphRecorder()
+        compiled = torch.compile(model, backend=rec.backend, fullgraph=True, dynamic=False)
+        outs = compiled(*[x.requires_grad_() for x in _inputs(T)])
+        sum(o.sum() for o in outs).backward()
+        assert rec.count(rec.fw, "fusedrnn.layer") == CompileModel.LAYER_CALLS, (
+            f"T={T}: {rec.count(rec.fw, 'fusedrnn.layer')} fusedrnn.layer nodes in the forward graph")
+        assert rec.count(rec.bw, "fusedrnn.layer_backward") == CompileModel.LAYER_CALLS, (
+            f"T={T}: {rec.count(rec.bw, 'fusedrnn.layer_backward')} fusedrnn.layer_backward nodes")
+        sizes[T] = (rec.size(rec.fw), rec.size(rec.bw))
+    assert sizes[256] == sizes[4], f"graph sizes grow with T: {sizes}"
+
+    _compile_first_call_seconds(model, 4)              # warm-up: imports, caches
+    t_short = _compile_first_call_seconds(model, 4)
+    t_long = _compile_first_call_seconds(model, 256)
+    if t_long >= 3 * t_short:                          # a loaded CI machine: measure once more
+        t_short = min(t_short, _compile_first_call_seconds(model, 4))
+        t_long = min(t_long, _compile_first_call_seconds(model, 256))
+    assert t_long < 3 * t_short, (
+        f"compile + first call took {t_long:.2f}s at T=256 vs {t_short:.2f}s at T=4")
