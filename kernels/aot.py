@@ -150,3 +150,99 @@ def ptxas_path():
     except Exception:
         import shutil
         return shutil.which("ptxas")
+
+
+def select(configs, how="groups"):
+    """"all", or "groups": one configuration per (kernel, mode, dtype, variant, grid sync,
+    projection), the one with the most optional features on (bias, lengths, save) and the largest
+    K block, which is the heaviest of its group."""
+    if how == "all":
+        return list(configs)
+    best = {}
+    for c in configs:
+        d = dict(c.constexprs)
+        key = (c.name, d.get("MODE"), c.dtype, d.get("PERSISTENT"), d.get("GRID_SYNC"), d.get("HAS_PROJ"))
+        score = (sum(bool(d.get(k)) for k in ("HAS_BIAS", "HAS_LEN", "SAVE")), d["BLOCK_K"], d.get("BLOCK_H", 0))
+        if key not in best or score > best[key][0]:
+            best[key] = (score, c)
+    return [c for _, c in best.values()]
+
+
+def cuobjdump_path():
+    """cuobjdump shipped inside the Triton wheel (triton/backends/nvidia/bin), else on PATH."""
+    import shutil
+    p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return p if os.path.exists(p) else shutil.which("cuobjdump")
+
+
+def resource_usage(cubin):
+    """REG / SHARED / LOCAL / STACK of the kernel in a cubin, from cuobjdump --dump-resource-usage."""
+    import re
+    import subprocess
+    import tempfile
+    tool = cuobjdump_path()
+    if tool is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    usage = {}
+    for key in ("REG", "STACK", "SHARED", "LOCAL"):
+        m = re.search(rf"\b{key}:(\d+)", out)
+        usage[key.lower()] = int(m.group(1)) if m else None
+    return usage
+
+
+_SELECTED = []
+
+
+def _compile_index(job):
+    i, arch, resources = job
+    cfg = _SELECTED[i]
+    res = dict(kernel=cfg.name, label=cfg.label, arch=arch, ok=False)
+    try:
+        k = compile_config(cfg, arch)
+        ptx = k.asm.get("ptx", "")
+        res.update(ok=True, has_ptx=bool(ptx), has_cubin=bool(k.asm.get("cubin")),
+                   mma="mma.sync" in ptx, wgmma="wgmma" in ptx, fma_f32="fma.rn.f32" in ptx,
+                   shared_triton=int(k.metadata.shared))
+        if resources:
+            res["usage"] = resource_usage(k.asm["cubin"])
+    except Exception as e:  # reported, not raised: the caller lists every failure at once
+        res["error"] = f"{type(e).__name__}: {str(e)[-2000:]}"
+    return res
+
+
+def compile_many(configs, archs=(90,), jobs=None, resources=False):
+    """Compile configs for each arch in `jobs` forked worker processes; returns result dicts."""
+    import multiprocessing
+    _SELECTED[:] = configs
+    work = [(i, a, resources) for a in archs for i in range(len(configs))]
+    jobs = jobs or os.cpu_count() or 1
+    if jobs == 1:
+        return [_compile_index(w) for w in work]
+    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        return pool.map(_compile_index, work, chunksize=1)
+
+
+def main(argv=None):
+    import argparse
+    import json
+    ap = argparse.ArgumentParser(description="Compile the kernel configurations ahead of time (JSON lines out).")
+    ap.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (repeatable)")
+    ap.add_argument("--select", default="groups", choices=["groups", "all"])
+    ap.add_argument("--dtype", action="append", help="only these dtypes (fp32, fp16, bf16, fp64)")
+    ap.add_argument("--jobs", type=int, default=None)
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces @triton.jit functions")
+    configs = select(kernel_configs(), args.select)
+    if args.dtype:
+        configs = [c for c in configs if c.dtype in args.dtype]
+    for r in compile_many(configs, tuple(args.arch or [90]), args.jobs):
+        print(json.dumps(r), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,9 @@ def row_time(s, T, offs_b, mask_b, p_len, REVERSE, HAS_LEN: tl.constexpr):
     its own length; a dead row (s >= length) points at the padded position t = s, so every (t, b)
     is written exactly once per direction and padded positions get their zeros for free."""
     if HAS_LEN:
-        L = tl.load(p_len + offs_b, mask=mask_b, other=0).to(tl.int64)
+        # Clamped to [0, T]: an out-of-range length must not turn into an out-of-bounds write (the
+        # launchers do not read lengths back to the host to check them).
+        L = tl.minimum(tl.maximum(tl.load(p_len + offs_b, mask=mask_b, other=0).to(tl.int64), 0), T)
     else:
         L = tl.zeros_like(offs_b).to(tl.int64) + T
     live = (s < L) & mask_b

@@ -1,0 +1,69 @@
+"""Ahead-of-time compilation of the Triton kernels for sm_90 and sm_80 (no GPU needed).
+
+The configurations come from fusedrnn.kernels.aot.kernel_configs, which runs the launchers' own
+dispatch on meta tensors, so this test follows any change of block sizes or flags. Compilation
+runs in a subprocess without TRITON_INTERPRET (the interpreter, which tests/conftest.py enables on
+machines without CUDA, replaces @triton.jit functions and cannot compile them). sm_90: one
+configuration of every (kernel, mode, dtype, variant, grid barrier, projection) group, the one with
+every optional feature on; sm_80: the float32/bfloat16/float64 subset of that. ~2-3 minutes on 2 cores.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _ptxas():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "from fusedrnn.kernels.aot import ptxas_path; print(ptxas_path() or '')"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    except Exception:
+        return None
+    path = out.stdout.strip()
+    return path if path and os.path.exists(path) else None
+
+
+def _compile(*extra):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "fusedrnn.kernels.aot", *extra], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def ptxas():
+    path = _ptxas()
+    if path is None:
+        pytest.skip("the CUDA backend's ptxas was not found (Triton wheel without NVIDIA backend?)")
+    return path
+
+
+def _check(results):
+    assert results, "nothing compiled"
+    failed = [f"{r['arch']} {r['kernel']} {r['label']}: {r.get('error', '')[-600:]}" for r in results if not r["ok"]]
+    assert not failed, "\n".join(failed)
+    for r in results:
+        assert r["has_ptx"] and r["has_cubin"], r
+
+
+def test_compile_sm90(ptxas):
+    results = _compile("--arch", "90")
+    _check(results)
+    # every mode x dtype x variant (stepwise / persistent / persistent with grid barrier) compiled
+    seen = {(r["label"].split("/")[0], r["label"].split("/")[1], "P" in r["label"].split("/")[2],
+             "X" in r["label"].split("/")[2]) for r in results if r["kernel"].startswith("scan_")}
+    for mode in ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"):
+        for dt in ("fp32", "fp16", "bf16", "fp64"):
+            for variant in ((False, False), (True, False), (True, True)):
+                assert (mode, dt, *variant) in seen, (mode, dt, variant)
+    assert {"lstm_proj_fwd_kernel", "lstm_proj_bwd_kernel"} <= {r["kernel"] for r in results}
+
+
+def test_compile_sm80(ptxas):
+    _check(_compile("--arch", "80", "--dtype", "fp32", "--dtype", "bf16", "--dtype", "fp64"))
