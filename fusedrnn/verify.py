@@ -491,24 +491,26 @@ def case_inputs(case, device):
     return m, (x, hx)
 
 
-def grid(cells=CELLS, dtypes=("fp32", "fp64", "bf16", "fp16"), quick=False):
-    """The cases `fusedrnn verify` runs.
+def grid(cells=CELLS, dtypes=("fp32", "bf16", "fp64", "fp16"), quick=False):
+    """The cases `fusedrnn verify` runs, dtype by dtype in the order given, then cell by cell.
 
     Sizes are deliberately not multiples of 16 (masking in the kernels' tiles). Options that do not
     depend on the dtype (layers, directions, packing, projection, bias, batch_first) are covered in
-    float32; every other dtype runs the most general case per cell (and float64 one more).
+    float32; every other dtype runs the most general case per cell (2 layers, bidirectional,
+    packed, and proj_size for LSTM).
     --quick: T=3 and tiny B/I/H so that the Triton interpreter (~0.05 s per launch) stays fast.
     """
     dtypes = [parse_dtype(d) for d in dtypes]
+    for cell in cells:
+        if cell not in CELLS:
+            raise ValueError(f"unknown cell {cell!r}; use one of {', '.join(CELLS)}")
     if quick:
         T, B, I, H, P = 3, 3, 5, 7, 5
     else:
         T, B, I, H, P = 37, 13, 29, 47, 23
     cases = []
-    for cell in cells:
-        if cell not in CELLS:
-            raise ValueError(f"unknown cell {cell!r}; use one of {', '.join(CELLS)}")
-        for dt in dtypes:
+    for dt in dtypes:
+        for cell in cells:
             if cell in STEP_CELLS:
                 cases.append(Case(cell, dt, 1, B, I, H))
                 if dt == torch.float32 and not quick:
