@@ -266,6 +266,10 @@ def environment(device):
     else:
         env["device_name"] = env["cpu"]
     env["git_commit"], env["git_dirty"] = _git()
+    try:
+        env["loadavg"] = os.getloadavg()[0]
+    except OSError:
+        env["loadavg"] = None
     env["interpreter"] = os.environ.get("TRITON_INTERPRET") == "1"
     return env
 
@@ -510,6 +514,10 @@ def cmd_bench(args, device):
     elif device == "cuda":
         spec = gpu_spec(env.get("device_name"))
     env["floors_gpu"] = spec["name"] if spec else None
+    if env.get("loadavg") and env["loadavg"] > (os.cpu_count() or 1) and device == "cpu":
+        print(f"fusedrnn bench: warning: load average {env['loadavg']:.1f} > {os.cpu_count()} "
+              f"cpus: CPU timings with {env['torch_threads']} torch threads will be erratic "
+              f"(oversubscribed OpenMP); --threads 1 is steadier", file=sys.stderr)
     print(f"fusedrnn bench on {env['device_name']}: {len(problems)} points x "
           f"{len(providers)} providers ({', '.join(providers)})", flush=True)
     t0 = time.perf_counter()
