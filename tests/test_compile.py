@@ -118,6 +118,21 @@ def test_compile_packed_and_unbatched(fullgraph):
     assert_close_rel(list(got), list(expected), 1e-12, "packed/unbatched compiled")
 
 
+def test_compile_converted_models():
+    """Models written with torch.nn, converted, then compiled with fullgraph=True."""
+    from models import Seq2Seq, TiedLSTMLanguageModel
+
+    for model, inputs in (
+            (TiedLSTMLanguageModel().double(), (torch.randint(0, 11, (2, 4)),)),
+            (Seq2Seq().double(), (torch.randn(4, 2, 3, dtype=torch.float64),
+                                  torch.randn(3, 2, 4, dtype=torch.float64)))):
+        model = fusedrnn.convert(model)
+        expected = model(*inputs)
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(*inputs)
+        assert_close_rel(got, expected, 1e-12, type(model).__name__)
+
+
 class _GraphRecorder:
     """An aot_autograd backend that keeps the forward and backward graphs it is given."""
 

@@ -523,6 +523,69 @@ def test_env_var_invalid_value_is_rejected(monkeypatch):
         fusedrnn.GRU(I, H)(torch.randn(T, B, I))
 
 
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_no_grad_and_inference_mode(kind, backend):
+    name, kw, _ = LAYER_KINDS[kind]
+    ref, got = make_twin_pair(name, I, H, num_layers=2, bidirectional=True, backend=backend, **kw)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            assert_close_rel(flatten(got(x)), flatten(ref(x)), TOL[torch.float64], ctx.__name__)
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_weights_changed_after_construction(kind, backend):
+    """Reassigned Parameters, in-place updates and parametrizations (weight_norm) are seen by
+    the next forward, as in torch.nn."""
+    name, kw, _ = LAYER_KINDS[kind]
+    ref, got = make_twin_pair(name, I, H, num_layers=2, backend=backend, **kw)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    w = torch.randn_like(ref.weight_hh_l0)
+    ref.weight_hh_l0, got.weight_hh_l0 = nn.Parameter(w.clone()), nn.Parameter(w.clone())
+    assert_close_rel(flatten(got(x)), flatten(ref(x)), TOL[torch.float64], "reassigned")
+    with torch.no_grad():
+        ref.weight_ih_l1.mul_(2.0), got.weight_ih_l1.mul_(2.0)
+    assert_close_rel(flatten(got(x)), flatten(ref(x)), TOL[torch.float64], "in-place")
+    for m in (ref, got):
+        nn.utils.parametrizations.weight_norm(m, "weight_ih_l0")
+    inputs = [x]
+    assert_same_results(run_with_grads(ref, inputs, lambda m, x: m(x)),
+                        run_with_grads(got, inputs, lambda m, x: m(x)),
+                        TOL[torch.float64], "weight_norm")
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_contiguous_inputs_and_list_hx(kind, backend):
+    name, kw, _ = LAYER_KINDS[kind]
+    ref, got = make_twin_pair(name, I, H, bidirectional=True, backend=backend, **kw)
+    x = torch.randn(B, T, I, dtype=torch.float64).transpose(0, 1)          # (T, B, I) strided
+    states = [torch.randn(s[1], s[0], s[2], dtype=torch.float64).transpose(0, 1)
+              for s in state_shapes(ref, B)]
+    assert not x.is_contiguous() and not states[0].is_contiguous()
+
+    def call(m, x, *states):
+        return m(x, list(states) if len(states) == 2 else states[0])     # a list (h0, c0) too
+
+    assert_same_results(run_with_grads(ref, [x, *states], call),
+                        run_with_grads(got, [x, *states], call), TOL[torch.float64], kind)
+
+
+@pytest.mark.parametrize("kind", list(LAYER_KINDS) + list(CELL_KINDS))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bfloat16_modules(kind, backend):
+    """A bfloat16 module on bfloat16 input: same dtypes as torch.nn, values within bf16
+    tolerance (8 mantissa bits, eps 7.8e-3; rounding in different places over T=4 steps: 5e-2)."""
+    name, kw = (LAYER_KINDS[kind][:2] if kind in LAYER_KINDS else CELL_KINDS[kind])
+    ref, got = make_twin_pair(name, I, H, backend=backend, dtype=torch.bfloat16, **kw)
+    x = torch.randn((T, B, I) if name in ("LSTM", "GRU", "RNN") else (B, I)).bfloat16()
+    exp, out = flatten(ref(x)), flatten(got(x))
+    assert [o.dtype for o in out] == [e.dtype for e in exp]
+    assert_close_rel([o.float() for o in out], [e.float() for e in exp], 5e-2, kind)
+
+
 # ----------------------------------------------------------------------------------------------
 # autocast
 # ----------------------------------------------------------------------------------------------
@@ -579,6 +642,7 @@ TRITON_GRID = [
     for kind, bidir, inp, dt in itertools.product(
         LAYER_KINDS, (False, True), ("batched", "packed_unsorted"), (torch.float32,))
 ] + [
+    pytest.param("LSTM_proj", True, "unbatched", torch.float32, id="LSTM_proj-unbatched-float32"),
     pytest.param("LSTM_proj", True, "packed_unsorted", torch.float64, id="LSTM_proj-float64"),
     pytest.param("GRU", True, "unbatched", torch.float64, id="GRU-unbatched-float64"),
 ]
@@ -596,3 +660,33 @@ def test_layer_triton_backend(kind, bidirectional, input_kind, dtype):
     call = layer_call(input_kind, False, [2, 3])
     assert_same_results(run_with_grads(ref, inputs, call), run_with_grads(got, inputs, call),
                         TOL[dtype], f"{kind}/triton")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kind", CELL_KINDS)
+def test_cell_triton_backend(kind):
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
+    name, kw = CELL_KINDS[kind]
+    ref, got = make_twin_pair(name, I, 4, backend="triton", dtype=torch.float32, **kw)
+    x, h = torch.randn(2, I), torch.randn(2, 4)
+    c = torch.randn(2, 4) if name == "LSTMCell" else None
+    assert_same_results(run_with_grads(ref, [x, h, c], cell_call),
+                        run_with_grads(got, [x, h, c], cell_call), TOL[torch.float32], kind)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kind", ["GRU", "RNN_RELU", "LSTM"])
+def test_layer_triton_backend_options(kind):
+    """bias=False, batch_first, no h0, eval-mode backward, dropout=1 between layers."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
+    name, kw, _ = LAYER_KINDS[kind]
+    ref, got = make_twin_pair(name, I, 4, num_layers=2, bias=False, batch_first=True,
+                              dropout=1.0, backend="triton", dtype=torch.float32, **kw)
+    inputs = layer_inputs(ref, "batched", True, False, torch.float32, t=3, b=2)
+    call = layer_call("batched", True, None)
+    for train in (True, False):
+        ref.train(train), got.train(train)
+        assert_same_results(run_with_grads(ref, inputs, call), run_with_grads(got, inputs, call),
+                            TOL[torch.float32], f"{kind}/triton train={train}")
