@@ -89,8 +89,8 @@ def run_with_grads(module, inputs, make_call, seed=1234):
     raw = make_call(module, *leaves)
     outs = flatten(raw)
     gen = torch.Generator().manual_seed(seed)
-    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)).sum()
-               for o in outs)
+    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device, o.dtype))
+               .sum() for o in outs)
     loss.backward()
     in_grads = [None if x is None or not x.requires_grad else x.grad for x in leaves]
     p_grads = [(n, p.grad) for n, p in module.named_parameters()]
@@ -690,3 +690,53 @@ def test_layer_triton_backend_options(kind):
         ref.train(train), got.train(train)
         assert_same_results(run_with_grads(ref, inputs, call), run_with_grads(got, inputs, call),
                             TOL[torch.float32], f"{kind}/triton train={train}")
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA: the default backend runs the Triton kernels (skipped without a GPU)
+# ----------------------------------------------------------------------------------------------
+
+def _to64_cpu(res):
+    outs, in_grads, p_grads, _ = res
+    conv = (lambda t: None if t is None else t.detach().double().cpu())
+    return [conv(o) for o in outs], [conv(g) for g in in_grads], [(n, conv(g)) for n, g in p_grads]
+
+
+def _assert_cuda_matches_cpu64(ref_res, got_res, what):
+    """float32 on the GPU against float64 torch.nn on the CPU: 2e-5 (float32 rounding, TF32 off
+    by default for fusedrnn's matmuls)."""
+    (r_out, r_in, r_p), (g_out, g_in, g_p) = _to64_cpu(ref_res), _to64_cpu(got_res)
+    assert_close_rel(g_out, r_out, 2e-5, f"{what}: outputs")
+    assert_close_rel(g_in, r_in, 2e-5, f"{what}: input grads")
+    for (n, gp), (_, rp) in zip(g_p, r_p):
+        assert_close_rel(gp, rp, 2e-5, f"{what}: grad of {n}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("input_kind", ["batched", "unbatched", "packed_unsorted"])
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_layer_cuda_default_backend(kind, input_kind):
+    name, kw, _ = LAYER_KINDS[kind]
+    ref = getattr(nn, name)(I, H, num_layers=2, bidirectional=True, dtype=torch.float64, **kw)
+    got = getattr(fusedrnn, name)(I, H, num_layers=2, bidirectional=True, device="cuda", **kw)
+    got.load_state_dict(ref.state_dict())
+    inputs = layer_inputs(ref, input_kind, False, True, torch.float64)
+    call = layer_call(input_kind, False, LENGTHS_UNSORTED)
+    r = run_with_grads(ref, inputs, call)
+    g = run_with_grads(got, [None if x is None else x.float().cuda() for x in inputs], call)
+    assert got.last_backend == "triton"
+    _assert_cuda_matches_cpu64(r, g, f"{kind} cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", CELL_KINDS)
+def test_cell_cuda_default_backend(kind):
+    name, kw = CELL_KINDS[kind]
+    ref = getattr(nn, name)(I, H, dtype=torch.float64, **kw)
+    got = getattr(fusedrnn, name)(I, H, device="cuda", **kw)
+    got.load_state_dict(ref.state_dict())
+    x, h = torch.randn(B, I, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
+    c = torch.randn(B, H, dtype=torch.float64) if name == "LSTMCell" else None
+    r = run_with_grads(ref, [x, h, c], cell_call)
+    g = run_with_grads(got, [None if t is None else t.float().cuda() for t in (x, h, c)], cell_call)
+    _assert_cuda_matches_cpu64(r, g, f"{kind} cuda")
