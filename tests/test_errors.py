@@ -240,6 +240,17 @@ def check_rejected_like_torch(case: Case, backend: str, follow_up: bool = True):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "LSTMCell", "RNNCell"])
+def test_op_recorder_sees_computation(name, backend):
+    """The 'nothing computed before the error' check is meaningful: a good call is seen."""
+    m = getattr(fusedrnn, name)(I, H, backend=backend)
+    recorder = _RecordOps()
+    with recorder:
+        m(*_good_args(name, {}))
+    assert any(_COMPUTE.search(op) for op in recorder.ops), recorder.ops
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: c.id)
 def test_layer_bad_input(case, backend):
     check_rejected_like_torch(case, backend)

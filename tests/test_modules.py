@@ -171,8 +171,10 @@ CTOR_CASES = [
     ("LSTM", (3, 4, 2, False, True, 0.25, True, 2), {}),     # every positional argument
     ("LSTM", (3, 4), dict(num_layers=3, bias=False, batch_first=True, dropout=0.5,
                           bidirectional=True, proj_size=1)),
+    ("LSTM", (3, 4), dict(device="cpu", dtype=torch.float64)),
     ("GRU", (3, 4), {}),
     ("GRU", (3, 4, 2, False, True, 0.5, True), {}),
+    ("GRUCell", (3, 4), dict(device=torch.device("cpu"), dtype=torch.float64)),
     ("RNN", (3, 4), {}),
     ("RNN", (3, 4, 2, "relu", False, True, 0.5, True), {}),
     ("RNN", (3, 4), dict(nonlinearity="relu", num_layers=2)),
