@@ -81,7 +81,8 @@ MODEL_FACTORIES = {
 def test_bare_module_converts_to_twin(name):
     ref = getattr(nn, name)(3, 4, dtype=torch.float64)
     params = dict(ref.named_parameters())
-    x = torch.randn(5, 2, 3, dtype=torch.float64) if name in LAYER_NAMES else torch.randn(2, 3, dtype=torch.float64)
+    shape = (5, 2, 3) if name in LAYER_NAMES else (2, 3)
+    x = torch.randn(shape, dtype=torch.float64)
     expected = _flat(ref(x))
     got = fusedrnn.convert(ref)
     assert type(got) is getattr(fusedrnn, name)

@@ -51,10 +51,6 @@ class Case:
     ctor: dict = field(default_factory=dict)
 
 
-def _x(*shape, dtype=torch.float32):
-    return lambda: torch.randn(*shape).to(dtype)
-
-
 def _shape_re(*dims):
     return r"[\[(]" + r",\s*".join(map(str, dims)) + r"[\])]"
 
@@ -193,7 +189,7 @@ CELL_CASES = [c for n, k in (("LSTMCell", {}), ("GRUCell", {}), ("RNNCell", {}),
                              ("RNNCell", {"nonlinearity": "relu"})) for c in _cell_cases(n, k)]
 
 
-def _good_args(name, ctor):
+def _good_args(name):
     if name.endswith("Cell"):
         return (torch.randn(2, I),)
     return (torch.randn(2, 1, I),)
@@ -235,7 +231,7 @@ def check_rejected_like_torch(case: Case, backend: str, follow_up: bool = True):
     computed = [op for op in recorder.ops if _COMPUTE.search(op)]
     assert not computed, f"computation ran before the error was raised: {computed}"
     if follow_up:
-        good = _good_args(case.name, case.ctor)
+        good = _good_args(case.name)
         assert_close_rel(_flat(got(*good)), _flat(ref(*good)), TOL32, "good call after the error")
 
 
@@ -246,7 +242,7 @@ def test_op_recorder_sees_computation(name, backend):
     m = getattr(fusedrnn, name)(I, H, backend=backend)
     recorder = _RecordOps()
     with recorder:
-        m(*_good_args(name, {}))
+        m(*_good_args(name))
     assert any(_COMPUTE.search(op) for op in recorder.ops), recorder.ops
 
 

@@ -80,8 +80,8 @@ def run_with_grads(module, inputs, make_call, seed=1234):
     """Run `make_call(module, *leaves)` on fresh leaf copies of `inputs` (None entries kept None).
 
     Returns (outputs flattened, grads of the inputs, grads of the parameters in named order, the
-    raw output structure). The loss is a fixed random linear functional of every output tensor so that every output and
-    every path of the graph receives a gradient.
+    raw output structure). The loss is a fixed random linear functional of every output tensor,
+    so that every output and every path of the graph receives a gradient.
     """
     leaves = [None if x is None else x.detach().clone().requires_grad_(x.is_floating_point())
               for x in inputs]
