@@ -88,9 +88,14 @@ def sweep_problems(args, device):
             continue
         if proj and proj >= shp["hidden"]:
             continue
-        out.append(Problem(cell=cell, seq=shp["seq"], batch=shp["batch"],
-                           input=inp or shp["hidden"], hidden=shp["hidden"], layers=L,
-                           bidirectional=bi, proj_size=proj, dtype=dt, mode=mode))
+        p = Problem(cell=cell, seq=shp["seq"], batch=shp["batch"], input=inp or shp["hidden"],
+                    hidden=shp["hidden"], layers=L, bidirectional=bi, proj_size=proj, dtype=dt,
+                    mode=mode)
+        if p.is_cell:  # one step of one cell: sequence length, layers and directions do not apply
+            p = Problem(cell=cell, seq=1, batch=p.batch, input=p.input, hidden=p.hidden,
+                        dtype=dt, mode=mode)
+        if p not in out:
+            out.append(p)
     return out
 
 
