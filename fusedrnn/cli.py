@@ -74,6 +74,8 @@ def build_parser():
     v.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda if available, else cpu (Triton interpreter)")
     v.add_argument("--quick", action="store_true", help="tiny shapes, few configs (seconds)")
+    v.add_argument("--shape", type=_csv(int), default=None, metavar="T,B,I,H",
+                   help="override the grid's sizes (default 37,13,29,47; --quick 3,3,5,7)")
     v.add_argument("--backend", default="triton", choices=("triton", "torch", "auto", "reference"),
                    help="backend under test (default triton)")
     v.add_argument("--kernel", default=None, choices=("auto", "stepwise", "persistent"),
@@ -165,7 +167,10 @@ def cmd_verify(args, device):
 
     cells = args.cell or list(V.CELLS)
     dtypes = args.dtype or (["fp32", "fp64"] if args.quick else ["fp32", "bf16", "fp64", "fp16"])
-    cases = V.grid(cells, dtypes, quick=args.quick)
+    if args.shape is not None and len(args.shape) != 4:
+        print("fusedrnn verify: --shape takes four integers T,B,I,H", file=sys.stderr)
+        return 2
+    cases = V.grid(cells, dtypes, quick=args.quick, shape=args.shape)
     where = "CUDA" if device == "cuda" else "CPU, Triton interpreter" if args.backend == "triton" \
         else "CPU"
     print(f"fusedrnn verify: backend={args.backend} on {where}: {len(cases)} cases; relative error "

@@ -491,7 +491,7 @@ def case_inputs(case, device):
     return m, (x, hx)
 
 
-def grid(cells=CELLS, dtypes=("fp32", "bf16", "fp64", "fp16"), quick=False):
+def grid(cells=CELLS, dtypes=("fp32", "bf16", "fp64", "fp16"), quick=False, shape=None):
     """The cases `fusedrnn verify` runs, dtype by dtype in the order given, then cell by cell.
 
     Sizes are deliberately not multiples of 16 (masking in the kernels' tiles). Options that do not
@@ -499,6 +499,7 @@ def grid(cells=CELLS, dtypes=("fp32", "bf16", "fp64", "fp16"), quick=False):
     float32; every other dtype runs the most general case per cell (2 layers, bidirectional,
     packed, and proj_size for LSTM).
     --quick: T=3 and tiny B/I/H so that the Triton interpreter (~0.05 s per launch) stays fast.
+    shape: (T, B, I, H) overrides the sizes (proj_size then H // 2).
     """
     dtypes = [parse_dtype(d) for d in dtypes]
     for cell in cells:
@@ -508,6 +509,9 @@ def grid(cells=CELLS, dtypes=("fp32", "bf16", "fp64", "fp16"), quick=False):
         T, B, I, H, P = 3, 3, 5, 7, 5
     else:
         T, B, I, H, P = 37, 13, 29, 47, 23
+    if shape is not None:
+        T, B, I, H = shape
+        P = max(1, H // 2)
     cases = []
     for dt in dtypes:
         for cell in cells:
