@@ -574,16 +574,3 @@ def summary_rows(case, rep):
             rows.append((case.label, f"{g} (worst: {e.name})", _fmt(e.error), _fmt(e.torch_error),
                          _fmt(e.tol), "ok" if e.passed else "FAIL"))
     return rows
-
-
-# `import fusedrnn.verify` (or the lazy import inside fusedrnn.verify()) binds the attribute
-# fusedrnn.verify to this submodule, shadowing the function of the same name that the package
-# exports. Making the module callable keeps `fusedrnn.verify(model, *inputs)` working either way.
-class _CallableModule(type(math)):
-    def __call__(self, *args, **kwargs):
-        return verify(*args, **kwargs)
-
-
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule
