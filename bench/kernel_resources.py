@@ -4,8 +4,10 @@ compiled ahead of time for sm_90 (no GPU needed).
     python bench/kernel_resources.py [--select groups|all] [--dtype fp32 ...] [--arch 90] [--jobs N]
 
 Configurations come from fusedrnn.kernels.aot (the launchers' own dispatch on meta tensors);
-resource usage from the cuobjdump inside the Triton wheel (triton/backends/nvidia/bin). LOCAL > 0
-means local memory: register spills (or a stack array). "dot" says which instruction the tl.dot
+resource usage from the cuobjdump inside the Triton wheel (triton/backends/nvidia/bin). Spills show
+as STACK (the per-thread stack frame in local memory; these kernels have no stack arrays, so any
+STACK is spilled registers) or LOCAL. "shared" is Triton's dynamic shared memory (cuobjdump only
+sees the 1 KiB static part). "dot" says which instruction the tl.dot
 calls became: wgmma (Hopper warpgroup MMA), mma (mma.sync tensor cores) or fma (CUDA cores).
 """
 import argparse
@@ -34,23 +36,23 @@ def main(argv=None):
     if args.mode:
         configs = [c for c in configs if dict(c.constexprs).get("MODE", "LSTM") in args.mode]
     results = aot.compile_many(configs, (args.arch,), args.jobs, resources=True)
-    head = f"| kernel | config (mode/dtype/flags/precision/blocks/warps) | regs | shared B | local B | stack B | dot |"
+    head = "| kernel | config (mode/dtype/flags/precision/blocks/warps) | regs | shared B | spill (stack+local) B | dot |"
     print(f"sm_{args.arch}, Triton {aot.triton.__version__}; flags: B bias, L lengths, J projection, S save, "
           "P persistent, X grid barrier\n")
     print(head)
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     failed = 0
     for r in sorted(results, key=lambda r: (r["kernel"], r["label"])):
         if not r["ok"]:
             failed += 1
-            print(f"| {r['kernel']} | {r['label']} | FAILED: {r['error'][:120]} | | | | |")
+            print(f"| {r['kernel']} | {r['label']} | FAILED: {r['error'][:120]} | | | |")
             continue
         u = r.get("usage") or {}
         dot = "wgmma" if r["wgmma"] else "mma" if r["mma"] else "fma"
-        print(f"| {r['kernel']} | {r['label']} | {u.get('reg')} | {u.get('shared')} | {u.get('local')} | "
-              f"{u.get('stack')} | {dot} |")
-    spills = [r for r in results if r["ok"] and (r.get("usage") or {}).get("local")]
-    print(f"\n{len(results)} configurations, {failed} failed, {len(spills)} with local memory (spills)")
+        spill = (u.get("stack") or 0) + (u.get("local") or 0)
+        print(f"| {r['kernel']} | {r['label']} | {u.get('reg')} | {r['shared_triton']} | {spill} | {dot} |")
+    spills = [r for r in results if r["ok"] and ((r.get("usage") or {}).get("stack") or (r.get("usage") or {}).get("local"))]
+    print(f"\n{len(results)} configurations, {failed} failed, {len(spills)} spill registers")
     return 1 if failed else 0
 
 

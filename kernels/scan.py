@@ -377,27 +377,27 @@ def _clamp_block(n, cap):
 @dataclass(frozen=True)
 class StepConfig:
     """Tiles of one stepwise launch: BLOCK_H units (M side) x BLOCK_B rows (N side), K in BLOCK_K
-    chunks. Capped so that 4 gate accumulators + one chunk of 4 weight tiles stay near 128
-    float32 registers per thread at 4 warps (checked for spills by bench/kernel_resources.py)."""
+    chunks. Sized from the sm_90 resource table (bench/kernel_resources.py, docs/design.md): the
+    float32 ieee dots run on FMA units, where each thread holds whole K-rows of its operands, so K
+    is chunked by 16; with 4 gate accumulators, 32 x 16 tiles at 8 warps are the largest without
+    spills (32 x 32 spilled hundreds of bytes)."""
     BLOCK_B: int
     BLOCK_H: int
     BLOCK_K: int
-    num_warps: int = 4
+    num_warps: int
 
 
-def step_config(B, H, P, dtype):
-    wide = dtype != torch.float64  # float64 tiles are twice the registers
-    return StepConfig(BLOCK_B=_clamp_block(B, 32),
-                      BLOCK_H=_clamp_block(H, 64 if wide else 32),
-                      BLOCK_K=_clamp_block(max(H, P), 32 if wide else 16))
+def step_config(mode, B, H, P, dtype):
+    G = GATES[mode]
+    return StepConfig(BLOCK_B=_clamp_block(B, 32 if G == 1 else 16), BLOCK_H=_clamp_block(H, 32),
+                      BLOCK_K=16, num_warps=8 if G > 1 else 4)
 
 
 def proj_config(B, H, P, dtype):
-    """LSTM projection launches: BLOCK_H here tiles the P state units, BLOCK_K chunks H."""
-    wide = dtype != torch.float64
-    return StepConfig(BLOCK_B=_clamp_block(B, 32),
-                      BLOCK_H=_clamp_block(P, 64 if wide else 32),
-                      BLOCK_K=_clamp_block(H, 32 if wide else 16))
+    """LSTM projection launches: BLOCK_H here tiles the P state units, BLOCK_K chunks H. One dot
+    per chunk (not four), so larger tiles than step_config stay spill-free."""
+    return StepConfig(BLOCK_B=_clamp_block(B, 32), BLOCK_H=_clamp_block(P, 32),
+                      BLOCK_K=_clamp_block(H, 32 if dtype != torch.float64 else 16), num_warps=4)
 
 
 @dataclass(frozen=True)
@@ -446,14 +446,17 @@ def persistent_plan(mode, D, B, H, P, dtype, num_sms, smem_per_block):
                 and smem <= smem_per_block)
 
     def plan(block_h, grid_sync):
-        warps = 4 if G * block_h * BLOCK_K <= budget // 2 else 8
+        # 8 warps for gated cells: 4 spilled with the projection step inlined (resource table)
+        warps = 4 if G == 1 and block_h * BLOCK_K <= budget // 2 else 8
         return PersistentPlan(grid=(D, 1, triton.cdiv(H, block_h)), BLOCK_B=BLOCK_B, BLOCK_H=block_h,
                               BLOCK_K=BLOCK_K, num_warps=warps, grid_sync=grid_sync)
 
     single = _clamp_block(H, 1 << 30)
     if fits(single):
         return plan(single, False)
-    if os.environ.get("FUSEDRNN_GRID_BARRIER") != "1":
+    if os.environ.get("FUSEDRNN_GRID_BARRIER") != "1" or P != H:
+        # With a projection the P-side step runs in one program anyway (BLOCK_K >= P), so several
+        # programs buy little, and that configuration spilled 700 B/thread (resource table).
         return None
     block_h = single // 2
     while block_h >= 16:
@@ -622,7 +625,7 @@ def forward_launches(mode, xg, w_hh, b_hh, w_hr, h0, c0, lengths, save, variant,
     plan = _plan_for(mode, D, B, H, P, dt, dev) if persistent else None
     # arrive counter per direction, then the error flag; counters must start at zero.
     sync = torch.zeros(D + 1, dtype=torch.int32, device=dev) if persistent else hst
-    cfg = plan if persistent else step_config(B, H, P, dt)
+    cfg = plan if persistent else step_config(mode, B, H, P, dt)
     prec = _precision(dt, allow_tf32)
     ptrs = (xg, w_hh, b_hh if b_hh is not None else xg, h0, c0 if mode == "LSTM" else h0,
             lengths if lengths is not None else xg, hst, cst, hraw, w_hr if w_hr is not None else xg,
@@ -697,7 +700,7 @@ def backward_launches(mode, dy, dhn, dcn, w_hh, w_hr, lengths, hp, gates, cs, va
     persistent = variant == "persistent"
     plan = _plan_for(mode, D, B, H, P, dt, dev) if persistent else None
     sync = torch.zeros(D + 1, dtype=torch.int32, device=dev) if persistent else carry
-    cfg = plan if persistent else step_config(B, H, P, dt)
+    cfg = plan if persistent else step_config(mode, B, H, P, dt)
     prec = _precision(dt, allow_tf32)
     len_ptr = lengths if lengths is not None else dy
     ptrs = (dy, dhn, dcn if mode == "LSTM" else dhn, w_hh, w_hr if w_hr is not None else w_hh, len_ptr,
