@@ -106,6 +106,17 @@ def _layer_cases(name, ctor):
         Case(f"{sfx}-h0-float64", name, lambda: (torch.randn(2, 1, I), st(1, 1, H, dtype=torch.float64)),
              H0_NAMES, "float64", ctor),
         Case(f"{sfx}-hx-string", name, lambda: (torch.randn(2, 1, I), "h0"), H0_NAMES, "str", ctor),
+        Case(f"{sfx}-complex-input", name, lambda: (torch.randn(2, 1, I, dtype=torch.complex64),),
+             ("input",), "complex64", ctor),
+        Case(f"{sfx}-packed-float64-input", name,
+             lambda: (pack_padded_sequence(torch.randn(3, 2, I).double(), [3, 2]),), ("input",),
+             "float64", ctor),
+        Case(f"{sfx}-packed-h0-rank", name,
+             lambda: (pack_padded_sequence(torch.randn(3, 2, I), [3, 2]), st(1, H)), H0_NAMES,
+             r"\b2-?D|" + _shape_re(1, H), ctor),
+        Case(f"{sfx}-packed-h0-float64", name,
+             lambda: (pack_padded_sequence(torch.randn(3, 2, I), [3, 2]),
+                      st(1, 2, H, dtype=torch.float64)), H0_NAMES, "float64", ctor),
     ]
     if lstm:
         cases += [
@@ -163,6 +174,8 @@ def _cell_cases(name, ctor):
              r"\b2-?D|" + _shape_re(1, H), ctor),
         Case(f"{sfx}-h-float64", name, lambda: (torch.randn(2, I), st(2, H, dtype=torch.float64)),
              H0_NAMES, "float64", ctor),
+        Case(f"{sfx}-B0-h-batch", name, lambda: (torch.randn(0, I), st(1, H)), H0_NAMES,
+             r"\b1\b", ctor),
         Case(f"{sfx}-h-int", name, lambda: (torch.randn(2, I), st(2, H, dtype=torch.long)),
              H0_NAMES, "int64", ctor),
     ]
@@ -174,6 +187,8 @@ def _cell_cases(name, ctor):
                  ("hx",), r"\b3\b"),
             Case("LSTMCell-hx-1-tuple", name, lambda: (torch.randn(2, I), (torch.randn(2, H),)),
                  ("hx",), r"\b1\b"),
+            Case("LSTMCell-c-batch", name, lambda: (torch.randn(2, I), (torch.randn(2, H), torch.randn(3, H))),
+                 C0_NAMES + ("hidden1",), r"\b3\b"),
         ]
     else:
         cases += [
