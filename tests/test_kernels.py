@@ -145,6 +145,18 @@ def test_matches_scan_torch(dtype, cell, D, lengths, save, variant):
 # float16 / bfloat16: a subset, judged against torch's own error in the same dtype
 # ----------------------------------------------------------------------------------------------
 
+def baseline_err(torch_out, r64):
+    """torch's own error in this dtype. The interpreter's float32 -> bfloat16 cast truncates
+    (triton/runtime/interpreter.py: cast_impl -> _convert_float with no rounding mode) where the GPU
+    rounds to nearest (cvt.rn), which alone doubles the RMS rounding error; there the baseline is
+    the error of truncating the float64 result instead, so the 1.5x margin still means something."""
+    err = rel_err(torch_out, r64)
+    if torch_out.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        bits = r64.float().contiguous().view(torch.int32) & ~0xFFFF
+        err = max(err, rel_err(bits.view(torch.float32).to(torch.bfloat16), r64))
+    return err
+
+
 @pytest.mark.parametrize("variant", ["stepwise", "persistent"])
 @pytest.mark.parametrize("cell", CELLS[:4], ids=CELL_IDS[:4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
@@ -166,8 +178,8 @@ def test_half_precision(dtype, cell, variant):
     for name, o, r64, rdt in zip(FWD_NAMES[:3], out, ref64, ref_dt):
         if o.numel():
             assert o.dtype == dtype
-            assert rel_err(o, r64) <= 1.5 * rel_err(rdt, r64) + floor, \
-                f"{name}: ours {rel_err(o, r64):.2e} torch {rel_err(rdt, r64):.2e}"
+            base = baseline_err(rdt, r64)
+            assert rel_err(o, r64) <= 1.5 * base + floor, f"{name}: ours {rel_err(o, r64):.2e} torch {base:.2e}"
     grads = grads_for(mode, *out[:3])
     g = bwd(K, mode, L, grads, out[3:], variant=variant)
     check_finite(BWD_NAMES, g)
@@ -176,8 +188,8 @@ def test_half_precision(dtype, cell, variant):
     for name, o, r64, rdt in zip(BWD_NAMES, g, g64, gdt):
         if o is not None and o.numel():
             assert o.dtype == dtype
-            assert rel_err(o, r64) <= 1.5 * rel_err(rdt, r64) + floor, \
-                f"{name}: ours {rel_err(o, r64):.2e} torch {rel_err(rdt, r64):.2e}"
+            base = baseline_err(rdt, r64)
+            assert rel_err(o, r64) <= 1.5 * base + floor, f"{name}: ours {rel_err(o, r64):.2e} torch {base:.2e}"
 
 
 # ----------------------------------------------------------------------------------------------
