@@ -154,14 +154,15 @@ def ptxas_path():
 
 def select(configs, how="groups"):
     """"all", or "groups": one configuration per (kernel, mode, dtype, variant, grid sync,
-    projection), the one with the most optional features on (bias, lengths, save) and the largest
-    K block, which is the heaviest of its group."""
+    projection, and for LSTM the dot precision), the one with the most optional features on (bias,
+    lengths, save) and the largest blocks, which is the heaviest of its group."""
     if how == "all":
         return list(configs)
     best = {}
     for c in configs:
         d = dict(c.constexprs)
-        key = (c.name, d.get("MODE"), c.dtype, d.get("PERSISTENT"), d.get("GRID_SYNC"), d.get("HAS_PROJ"))
+        key = (c.name, d.get("MODE"), c.dtype, d.get("PERSISTENT"), d.get("GRID_SYNC"), d.get("HAS_PROJ"),
+               d["PREC"] if d.get("MODE", "LSTM") == "LSTM" else None)
         score = (sum(bool(d.get(k)) for k in ("HAS_BIAS", "HAS_LEN", "SAVE")), d["BLOCK_K"], d.get("BLOCK_H", 0))
         if key not in best or score > best[key][0]:
             best[key] = (score, c)
@@ -233,6 +234,7 @@ def main(argv=None):
     ap.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (repeatable)")
     ap.add_argument("--select", default="groups", choices=["groups", "all"])
     ap.add_argument("--dtype", action="append", help="only these dtypes (fp32, fp16, bf16, fp64)")
+    ap.add_argument("--sample", type=int, default=None, help="about this many, evenly spread")
     ap.add_argument("--jobs", type=int, default=None)
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -240,6 +242,10 @@ def main(argv=None):
     configs = select(kernel_configs(), args.select)
     if args.dtype:
         configs = [c for c in configs if c.dtype in args.dtype]
+    if args.sample and len(configs) > args.sample:
+        configs = sorted(configs, key=lambda c: (c.name, c.label))
+        step = len(configs) / args.sample
+        configs = [configs[int(i * step)] for i in range(args.sample)]
     for r in compile_many(configs, tuple(args.arch or [90]), args.jobs):
         print(json.dumps(r), flush=True)
 
