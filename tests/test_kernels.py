@@ -207,6 +207,24 @@ def test_saturated_activations(cell):
     assert rel_err(out[0], ref[0]) < 1e-5
 
 
+@pytest.mark.parametrize("variant", ["stepwise", "persistent"])
+def test_zero_length_row(variant):
+    """A row of length 0 is never live: hn = h0, cn = c0, y all zeros, dh0 = dhn, dc0 = dcn."""
+    L = make_layer("LSTM", True, 2, torch.float64, [3, 0, 2], T=3)
+    out = fwd(K, "LSTM", L, True, variant=variant)
+    check_finite(FWD_NAMES, out)
+    ref = fwd(scan_torch, "LSTM", L, True)
+    for o, r in zip(out, ref):
+        assert rel_err(o, r) < 1e-10
+    assert torch.equal(out[1][:, 1], L["h0"][:, 1]) and torch.equal(out[0][:, 1], torch.zeros_like(out[0][:, 1]))
+    grads = grads_for("LSTM", *out[:3])
+    g = bwd(K, "LSTM", L, grads, out[3:], variant=variant)
+    check_finite(BWD_NAMES, g)
+    for o, r in zip(g, bwd(scan_torch, "LSTM", L, grads, ref[3:])):
+        assert rel_err(o, r) < 1e-10
+    assert torch.equal(g[2][:, 1], grads[1][:, 1]) and torch.equal(g[3][:, 1], grads[2][:, 1])
+
+
 @pytest.mark.parametrize("cell", [("LSTM", True), ("GRU", False)], ids=["LSTM-proj", "GRU"])
 def test_deterministic(cell):
     """No atomics in any reduction: two runs are bitwise equal."""
