@@ -1,7 +1,14 @@
-"""Property tests: random shapes and options, fusedrnn against torch.nn (float64, 1e-12; float32,
-2e-5: the tolerances of test_modules.py, where they are justified)."""
+"""Property tests: random shapes and options, fusedrnn against torch.nn.
+
+float64: 1e-12, as in test_modules.py. float32: random shapes include ill-conditioned cases (H=1,
+saturated units, gradients that nearly cancel) where torch.nn's own float32 result is 1e-4 away
+from the exact one, so no float32 implementation can promise 2e-5 against it there. The float32
+check is therefore against a float64 torch.nn oracle: fusedrnn's error may be at most
+max(2e-5, 4 x torch.nn's own float32 error), i.e. never meaningfully worse than torch.nn.
+"""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -9,10 +16,35 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from conftest import rel_err
 from models import make_twin_pair
-from test_modules import assert_same_results, run_with_grads, state_shapes
+from test_modules import assert_same_results, assert_same_structure, run_with_grads, state_shapes
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
+
+
+def _tensors(res):
+    outs, in_grads, p_grads, _ = res
+    named = [(f"output {i}", o) for i, o in enumerate(outs)]
+    named += [(f"input grad {i}", g) for i, g in enumerate(in_grads) if g is not None]
+    return named + [(f"grad of {n}", g) for n, g in p_grads]
+
+
+def assert_matches_torch(ref, got, dtype, inputs, call, what):
+    r, g = run_with_grads(ref, inputs, call), run_with_grads(got, inputs, call)
+    if dtype == torch.float64:
+        assert_same_results(r, g, TOL[dtype], what)
+        return
+    assert_same_structure(g[3], r[3], what)
+    exact = copy.deepcopy(ref).double()      # the same weights, exactly, in float64
+    o = run_with_grads(exact, [None if x is None else x.double() for x in inputs], call)
+    for (name, gt), (_, rt), (_, ot) in zip(_tensors(g), _tensors(r), _tensors(o)):
+        assert gt.dtype == rt.dtype, f"{what}: {name} dtype {gt.dtype} != {rt.dtype}"
+        e_got, e_ref = rel_err(gt, ot), rel_err(rt, ot)
+        assert e_got <= max(TOL[dtype], 4 * e_ref), (
+            f"{what}: {name}: error {e_got:.2e} vs exact, torch.nn float32 has {e_ref:.2e}")
+
+
 SETTINGS = settings(max_examples=100, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
 
@@ -73,9 +105,7 @@ def test_random_layers_match_torch(cfg):
             return mod(inp)
         return mod(inp, tuple(states) if len(states) == 2 else states[0])
 
-    inputs = [x, *states]
-    assert_same_results(run_with_grads(ref, inputs, call), run_with_grads(got, inputs, call),
-                        TOL[dtype], str(cfg))
+    assert_matches_torch(ref, got, dtype, [x, *states], call, str(cfg))
 
 
 @st.composite
@@ -112,6 +142,4 @@ def test_random_cells_match_torch(cfg):
             outs.append(state)
         return outs
 
-    inputs = [xs, *states]
-    assert_same_results(run_with_grads(ref, inputs, loop), run_with_grads(got, inputs, loop),
-                        TOL[dtype], str(cfg))
+    assert_matches_torch(ref, got, dtype, [xs, *states], loop, str(cfg))
