@@ -24,9 +24,9 @@ from conftest import assert_close_rel
 class CompileModel(nn.Module):
     """A 2-layer bidirectional LSTM, a GRU and an LSTMCell / RNNCell loop over 2 steps."""
 
-    def __init__(self, dtype=torch.float64):
+    def __init__(self, dtype=torch.float64, batch_first=True):
         super().__init__()
-        self.lstm = fusedrnn.LSTM(3, 5, num_layers=2, bidirectional=True, batch_first=True,
+        self.lstm = fusedrnn.LSTM(3, 5, num_layers=2, bidirectional=True, batch_first=batch_first,
                                   dtype=dtype)
         self.gru = fusedrnn.GRU(10, 4, dtype=dtype)
         self.cell = fusedrnn.LSTMCell(4, 3, dtype=dtype)
@@ -35,8 +35,12 @@ class CompileModel(nn.Module):
     # fusedrnn.layer calls per forward: 2 (LSTM) + 1 (GRU) + 2 (cells)
     LAYER_CALLS = 5
 
-    def forward(self, x, h0):
-        y, (h, c) = self.lstm(x)
+    def forward(self, x, h0):                 # x: (B, T, 3)
+        if self.lstm.batch_first:
+            y, (h, c) = self.lstm(x)
+        else:
+            y, (h, c) = self.lstm(x.transpose(0, 1).contiguous())
+            y = y.transpose(0, 1)
         z, hg = self.gru(y.transpose(0, 1), h0)
         hc, cc = self.cell(z[-1])
         r = self.rnn_cell(hc)
@@ -90,14 +94,18 @@ def test_compile_aot_eager_fullgraph_matches_eager():
     assert_close_rel(list(got), list(expected), 1e-12, "aot_eager eval/no_grad")
 
 
-@pytest.mark.xfail(strict=True, reason=(
+_INDUCTOR_STRIDES = (
     "fusedrnn/ops.py _layer_backward_fake returns dx as torch.empty_like(x), i.e. with x's "
     "strides; for a batch_first layer x is a transposed view (strides (3, 12, 1) for (T=4, B=2, "
     "I=3)), while the real layer_backward returns a contiguous dx (strides (6, 3, 1)): inductor's "
     "assert_size_stride fails on fusedrnn.layer_backward ('expected size 4==4, stride 6==3 at "
-    "dim=0'). Fix: x.new_empty(x.shape) in the fake, or return dx with x's strides"))
-def test_compile_inductor_fullgraph_matches_eager():
-    model = CompileModel(dtype=torch.float32)
+    "dim=0'). Fix: x.new_empty(x.shape) in the fake, or return dx with x's strides")
+
+
+@pytest.mark.parametrize("batch_first", [
+    False, pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=_INDUCTOR_STRIDES))])
+def test_compile_inductor_fullgraph_matches_eager(batch_first):
+    model = CompileModel(dtype=torch.float32, batch_first=batch_first)
     inputs = _inputs(4, dtype=torch.float32)
     eager = _run(model, inputs)
     compiled = torch.compile(model, backend="inductor", fullgraph=True)
