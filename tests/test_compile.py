@@ -94,6 +94,42 @@ def test_compile_aot_eager_fullgraph_matches_eager():
     assert_close_rel(list(got), list(expected), 1e-12, "aot_eager eval/no_grad")
 
 
+class ZooModel(nn.Module):
+    """The options CompileModel does not use: RNN tanh/relu, no bias, projections with given
+    (h0, c0), dropout=1 between layers (deterministic in training), unbatched layer and cells."""
+
+    def __init__(self):
+        super().__init__()
+        d = torch.float64
+        self.rnn_tanh = fusedrnn.RNN(3, 4, num_layers=2, bidirectional=True, bias=False, dtype=d)
+        self.rnn_relu = fusedrnn.RNN(8, 3, nonlinearity="relu", dropout=1.0, num_layers=2,
+                                     dtype=d)
+        self.lstm_proj = fusedrnn.LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2,
+                                       dropout=1.0, dtype=d)
+        self.gru_unbatched = fusedrnn.GRU(3, 4, batch_first=True, dtype=d)
+        self.gru_cell = fusedrnn.GRUCell(3, 4, bias=False, dtype=d)
+        self.rnn_cell = fusedrnn.RNNCell(4, 2, dtype=d)
+
+    def forward(self, x, h0, c0, u):          # x (T, B, 3); u (T, 3) unbatched
+        a, ha = self.rnn_tanh(x)
+        b, hb = self.rnn_relu(a)
+        c, (hc, cc) = self.lstm_proj(x, (h0, c0))
+        g, hg = self.gru_unbatched(u)
+        k = self.gru_cell(u[0])
+        r = self.rnn_cell(k, g[-1, :2])
+        return a, ha, b, hb, c, hc, cc, g, hg, k, r
+
+
+def test_compile_option_zoo_matches_eager():
+    """Every layer option through the compiled path (the fusedrnn::layer op), in training mode."""
+    model = ZooModel().train()
+    inputs = (torch.randn(4, 2, 3, dtype=torch.float64), torch.randn(4, 2, 2, dtype=torch.float64),
+              torch.randn(4, 2, 5, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64))
+    eager = _run(model, inputs)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    _assert_same(_run(compiled, inputs), eager, 1e-12, "zoo aot_eager")
+
+
 _INDUCTOR_STRIDES = (
     "fusedrnn/ops.py _layer_backward_fake returns dx as torch.empty_like(x), i.e. with x's "
     "strides; for a batch_first layer x is a transposed view (strides (3, 12, 1) for (T=4, B=2, "
