@@ -48,7 +48,7 @@ def main(argv=None):
             print(f"| {r['kernel']} | {r['label']} | FAILED: {r['error'][:120]} | | | |")
             continue
         u = r.get("usage") or {}
-        dot = "wgmma" if r["wgmma"] else "mma" if r["mma"] else "fma"
+        dot = " ".join(r["mma_ops"]) if r["mma_ops"] else "fma"
         spill = (u.get("stack") or 0) + (u.get("local") or 0)
         print(f"| {r['kernel']} | {r['label']} | {u.get('reg')} | {r['shared_triton']} | {spill} | {dot} |")
     spills = [r for r in results if r["ok"] and ((r.get("usage") or {}).get("stack") or (r.get("usage") or {}).get("local"))]

@@ -205,8 +205,10 @@ def _compile_index(job):
     try:
         k = compile_config(cfg, arch)
         ptx = k.asm.get("ptx", "")
+        import re
+        mma = sorted(set(re.findall(r"\b(w?gmma\.\S+|mma\.sync\.aligned\.\S+)", ptx)))
         res.update(ok=True, has_ptx=bool(ptx), has_cubin=bool(k.asm.get("cubin")),
-                   mma="mma.sync" in ptx, wgmma="wgmma" in ptx, fma_f32="fma.rn.f32" in ptx,
+                   mma="mma.sync" in ptx, wgmma="wgmma" in ptx, mma_ops=mma,
                    shared_triton=int(k.metadata.shared))
         if resources:
             res["usage"] = resource_usage(k.asm["cubin"])

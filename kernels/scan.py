@@ -232,8 +232,10 @@ def scan_bwd_kernel(
     mask_jb = mask_j[:, None] & mask_b[None, :]
     o_own = offs_b[None, :] * P + offs_j[:, None]
     o_c = offs_b[None, :] * H + offs_j[:, None]
-    if PERSISTENT:
-        # W_hh[g*H + k, j] for k < H (BLOCK_K >= H) and units j (= P units, no projection here).
+    HOIST: tl.constexpr = PERSISTENT and not HAS_PROJ
+    if HOIST:
+        # W_hh[g*H + k, j] for k < H (BLOCK_K >= H) and units j (P = H without a projection; with
+        # one, dh is formed over P units by lstm_proj_bwd_step, which streams W_hh instead).
         p_w = p_whh + pid_d * GH * P
         o_w = offs_k[None, :] * P + offs_j[:, None]
         mask_w = mask_j[:, None] & (offs_k[None, :] < H)
@@ -247,6 +249,7 @@ def scan_bwd_kernel(
         if G > 3:
             w_3 = tl.load(p_w + 3 * H * P + o_w, mask=mask_w, other=0.0).to(CDT)
     else:
+        # placeholders: bwd_dh_carry takes the four tiles either way and ignores them unless HOIST
         w_0 = p_whh
         w_1 = p_whh
         w_2 = p_whh
@@ -284,7 +287,7 @@ def scan_bwd_kernel(
             else:
                 dh = bwd_dh_carry(s, pid_d, offs_j, mask_j, offs_b, mask_b, T, B, H, P, D, G,
                                   p_dhn, p_whh, p_dghbuf, p_carry, w_0, w_1, w_2, w_3,
-                                  PERSISTENT, BLOCK_K, PREC, CACHE)
+                                  HOIST, BLOCK_K, PREC, CACHE)
                 p_dyt = p_dy + (t[None, :] * B + offs_b[None, :]) * (D * P) + pid_d * P + offs_j[:, None]
                 dh += tl.load(p_dyt, mask=mask_jb & live2, other=0.0).to(CDT)
 
@@ -354,7 +357,7 @@ def scan_bwd_kernel(
             else:
                 dh = bwd_dh_carry(s, pid_d, offs_j, mask_j, offs_b, mask_b, T, B, H, P, D, G,
                                   p_dhn, p_whh, p_dghbuf, p_carry, w_0, w_1, w_2, w_3,
-                                  PERSISTENT, BLOCK_K, PREC, CACHE)
+                                  HOIST, BLOCK_K, PREC, CACHE)
                 tl.store(p_dh0 + pid_d * B * P + o_own, dh.to(p_dh0.dtype.element_ty), mask=mask_jb)
         if PERSISTENT:
             n_sync += 1
