@@ -1,7 +1,6 @@
 """fusedrnn.convert: swap torch.nn's RNN modules for their fusedrnn twins in an existing model."""
 from __future__ import annotations
 
-import copy
 import warnings
 
 from torch import nn
@@ -24,10 +23,10 @@ def _twin(module, backend):
     """The fusedrnn twin of `module`, sharing its very Parameter objects, hooks and state."""
     twin = TWINS[type(module)].__new__(TWINS[type(module)])
     # Module state (parameters, buffers, hooks, training flag, flat-weight bookkeeping) lives in
-    # __dict__. Containers are copied and their contents shared: the twin holds the very same
-    # Parameter objects (existing optimizers keep working) and hooks, without aliasing the dicts.
-    for key, value in module.__dict__.items():
-        twin.__dict__[key] = copy.copy(value) if isinstance(value, (dict, list)) else value
+    # __dict__ and is shared as is: the twin holds the very same Parameter objects (existing
+    # optimizers keep working) and the very same hook dicts (handles taken before converting
+    # still remove their hooks).
+    twin.__dict__.update(module.__dict__)
     twin._init_backend(backend)
     return twin
 

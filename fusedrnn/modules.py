@@ -7,6 +7,8 @@ dispatch; the math lives in reference.py, scan_torch.py and the kernels.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor, _VF, nn
 from torch.nn.utils.rnn import PackedSequence
@@ -14,16 +16,8 @@ from torch.nn.utils.rnn import PackedSequence
 from . import ops  # noqa: F401  (registers the fusedrnn:: custom ops)
 from . import reference
 from .dispatch import BACKENDS, KERNELS, BackendUnavailableError, check_choice, resolve
+from .errors import DtypeMismatchError, HiddenStatePairError, NotATensorError, StateRankError
 from .functional import layer_weights, run_layers
-
-
-# Exceptions of torch.nn's type for the same mistake, but with a message that says what is wrong.
-class HiddenStateTypeError(TypeError, AttributeError):
-    """hx is a tuple where a tensor is expected (torch.nn raises AttributeError here)."""
-
-
-class HiddenStatePairError(TypeError, IndexError):
-    """hx is not an (h_0, c_0) pair where one is expected (torch.nn raises IndexError here)."""
 
 
 _VF_LAYER = {"LSTM": _VF.lstm, "GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu}
@@ -38,37 +32,88 @@ def _describe(value):
     return f"an object of type {type(value).__name__}"
 
 
-def _compute_dtype(device_type, weight_dtype, autocast_kind):
-    """dtype the layer runs in: the autocast dtype where torch.nn's op is autocast, else the weights'."""
-    if autocast_kind is not None and torch.is_autocast_enabled(device_type):
-        # torch.nn on CUDA runs every RNN op in the autocast dtype; CPU autocast covers only the
-        # LSTM and Elman layers (GRU and the cells stay in float32), and so do we.
-        if device_type == "cuda" or autocast_kind in ("LSTM", "RNN_TANH", "RNN_RELU"):
+# Ops that torch's autocast runs in the low-precision dtype. On CUDA every RNN op is; CPU autocast
+# lists the LSTM and Elman layers and the Elman cells, not GRU nor the LSTM/GRU cells.
+_CPU_AUTOCAST = {"LSTM", "RNN_TANH", "RNN_RELU", "RNNCell"}
+
+
+def _compute_dtype(x, weight_dtype, kind):
+    """dtype the module runs in: the autocast dtype for ops torch autocasts; under autocast, other
+    ops run in the input's dtype (as torch.nn's do); without autocast, the weights' dtype."""
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        if device_type == "cuda" or kind in _CPU_AUTOCAST:
             return torch.get_autocast_dtype(device_type)
+        if x.is_floating_point():
+            return x.dtype
     return weight_dtype
 
 
 def _check_state(name, value, expected_shape, x):
     if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a Tensor, got {_describe(value)}")
+        raise NotATensorError(f"{name} must be a Tensor, got {_describe(value)}")
     if value.dtype != x.dtype:
-        raise RuntimeError(f"{name} must have the same dtype as input ({x.dtype}), got {value.dtype}")
+        raise DtypeMismatchError(f"{name} must have the same dtype as input ({x.dtype}), got {value.dtype}")
     if value.device != x.device:
         raise RuntimeError(f"{name} must be on the same device as input ({x.device}), got {value.device}")
     if tuple(value.shape) != tuple(expected_shape):
         raise RuntimeError(f"{name} must have shape {tuple(expected_shape)}, got {tuple(value.shape)}")
 
 
-def _check_input_tensor(name, x, expected_features, weight_dtype):
+def _check_input_tensor(x, expected_features, dtype):
+    """input: floating point, of the dtype the module runs in, with input_size features."""
     if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor (dtype {weight_dtype}, the weights' "
-                         f"dtype), got dtype {x.dtype}")
-    if x.dtype != weight_dtype:
-        raise ValueError(f"{name} dtype ({x.dtype}) does not match weight dtype ({weight_dtype}). "
-                         f"Convert input: input.to({weight_dtype}), or convert model: model.to({x.dtype})")
+        raise DtypeMismatchError(f"input must be a floating-point tensor (dtype {dtype}, the weights' "
+                                 f"dtype), got dtype {x.dtype}")
+    if x.dtype != dtype:
+        raise DtypeMismatchError(f"input dtype ({x.dtype}) does not match weight dtype ({dtype}). "
+                                 f"Convert input: input.to({dtype}), or convert model: model.to({x.dtype})")
     if x.size(-1) != expected_features:
         raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {expected_features}, "
                            f"got {x.size(-1)}")
+
+
+def _hx_states(name, hx, is_lstm):
+    """hx as a list of tensors-to-be: [h_0] or [h_0, c_0]; structure errors raise here."""
+    if is_lstm:
+        if isinstance(hx, (tuple, list)):
+            if len(hx) != 2:
+                raise HiddenStatePairError(f"{name}: hx must be a tuple (h_0, c_0) of two tensors, "
+                                           f"got {_describe(hx)}")
+            return list(hx)
+        if isinstance(hx, Tensor):
+            raise HiddenStatePairError(f"{name}: hx must be a tuple (h_0, c_0) of two tensors, got "
+                                       f"{_describe(hx)}")
+        raise NotATensorError(f"{name}: hx must be a tuple (h_0, c_0) of two tensors, got {_describe(hx)}")
+    if isinstance(hx, (tuple, list)):
+        raise NotATensorError(f"{name}: hx must be a Tensor h_0, got {_describe(hx)} "
+                              f"(an (h_0, c_0) pair is only for LSTM)")
+    return [hx]
+
+
+def _check_layer_args(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                      proj_size):
+    """The constructor checks of nn.RNNBase, with the value that was got in every message."""
+    for name, value in (("bias", bias), ("batch_first", batch_first)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
+    for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
+                        ("num_layers", num_layers), ("proj_size", proj_size)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} should be of type int, got: {type(value).__name__} ({value!r})")
+    for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
+                        ("num_layers", num_layers)):
+        if value <= 0:
+            raise ValueError(f"{name} must be greater than zero, got {value}")
+    if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+        raise ValueError("dropout should be a number in range [0, 1] representing the probability "
+                         f"of an element being zeroed, got {dropout!r}")
+    if proj_size < 0:
+        raise ValueError("proj_size should be a positive integer or zero to disable projections, "
+                         f"got {proj_size}")
+    if proj_size >= hidden_size:
+        raise ValueError(f"proj_size has to be smaller than hidden_size ({hidden_size}), got "
+                         f"proj_size={proj_size}")
 
 
 class _Backend:
@@ -98,9 +143,15 @@ class _Backend:
 
 
 class _FusedRNNBase(_Backend, nn.RNNBase):
-    def __init__(self, mode, *args, backend="auto", kernel="auto", **kwargs):
+    def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None, *,
+                 backend="auto", kernel="auto"):
         check_choice(backend, BACKENDS, "backend")
-        super().__init__(mode, *args, **kwargs)
+        check_choice(kernel, KERNELS, "kernel")
+        _check_layer_args(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                          proj_size)
+        super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, proj_size, device, dtype)
         self._init_backend(backend, kernel)
 
     def extra_repr(self):
@@ -128,19 +179,21 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
             is_batched = True
         else:
             if not isinstance(input, Tensor):
-                raise TypeError(f"{name}: input must be a Tensor or PackedSequence, got {_describe(input)}")
+                raise NotATensorError(f"{name}: input must be a Tensor or PackedSequence, got {_describe(input)}")
             if input.dim() not in (2, 3):
                 raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
             x, batch_sizes, sorted_indices, unsorted_indices = input, None, None, None
             is_batched = input.dim() == 3
             if not is_batched:
                 x = x.unsqueeze(0 if self.batch_first else 1)
-        dtype = _compute_dtype(x.device.type, weight_dtype, self.mode)
-        _check_input_tensor("input", x, self.input_size, weight_dtype if dtype == weight_dtype else x.dtype)
-        if dtype != x.dtype:
-            x = x.to(dtype)
+        dtype = _compute_dtype(x, weight_dtype, self.mode)
+        _check_input_tensor(x, self.input_size, weight_dtype if dtype == weight_dtype else x.dtype)
+        x = x.to(dtype)
         if packed:
-            T, B = batch_sizes.numel(), int(batch_sizes[0])
+            # sorted_indices (enforce_sorted=False) gives B without reading batch_sizes' data,
+            # which torch.compile could only trace as a data-dependent value.
+            T = batch_sizes.numel()
+            B = sorted_indices.numel() if sorted_indices is not None else int(batch_sizes[0])
         else:
             T, B = (x.shape[1], x.shape[0]) if self.batch_first else (x.shape[0], x.shape[1])
         if T == 0:
@@ -153,21 +206,14 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
         if hx is None:
             states = [x.new_zeros(s) for s in shapes]
         else:
-            if is_lstm:
-                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                    raise HiddenStatePairError(f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got {_describe(hx)}")
-                states = list(hx)
-            else:
-                if isinstance(hx, (tuple, list)):
-                    raise HiddenStateTypeError(f"{name}: hx must be a Tensor h_0, got {_describe(hx)} "
-                                               f"(an (h_0, c_0) pair is only for LSTM)")
-                states = [hx]
+            states = _hx_states(name, hx, is_lstm)
             for n, s in zip(names, states):
                 if not isinstance(s, Tensor):
-                    raise TypeError(f"{name}: {n} must be a Tensor, got {_describe(s)}")
+                    raise NotATensorError(f"{name}: {n} must be a Tensor, got {_describe(s)}")
                 if s.dim() != state_dim:
                     kind = "batched 3-D" if is_batched else "unbatched 2-D"
-                    raise RuntimeError(f"For {kind} input, {n} should also be {state_dim}-D but got {s.dim()}-D tensor")
+                    raise StateRankError(f"For {kind} input, {n} should also be {state_dim}-D but got "
+                                         f"{s.dim()}-D tensor")
             if not is_batched:
                 states = [s.unsqueeze(1) for s in states]
             if dtype != weight_dtype:
@@ -208,23 +254,26 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
     def _run_padded(self, x, batch_sizes, states, flat, route, B, T):
         lengths = None
         if batch_sizes is not None:
-            # Packed data is ordered time-major with the live rows of each step first, which is
-            # exactly the order of the True entries of this (T, B) mask.
+            # Packed data is ordered time-major with the live rows of each step first: exactly the
+            # order of the True entries of this (T, B) mask. A stable argsort finds their flat
+            # positions with a static shape (N = rows of packed data), which torch.compile traces.
             mask = (torch.arange(B)[None, :] < batch_sizes[:, None]).to(x.device)
             lengths = mask.sum(0)
-            x = x.new_zeros(T, B, x.shape[-1]).masked_scatter(mask[:, :, None], x)
+            rows = torch.argsort((~mask).flatten().to(torch.uint8), stable=True)[:x.shape[0]]
+            x = x.new_zeros(T * B, x.shape[-1]).index_copy(0, rows, x).view(T, B, -1)
         elif self.batch_first:
             x = x.transpose(0, 1)
         weights = layer_weights(flat, self.num_layers, 2 if self.bidirectional else 1, self.bias,
                                 self.proj_size > 0)
         kernels = []
-        run = "reference" if B == 0 else route  # an empty batch has nothing to compute
+        # An empty batch has nothing to compute (a packed batch is never empty).
+        run = "reference" if batch_sizes is None and B == 0 else route
         y, finals = run_layers(self.mode, x, lengths, tuple(states), weights,
                                num_layers=self.num_layers, bidirectional=self.bidirectional,
                                dropout=self.dropout, training=self.training, backend=run,
                                kernel=self.kernel, last_kernels=kernels)
         if batch_sizes is not None:
-            y = y[mask]
+            y = y.reshape(T * B, -1).index_select(0, rows)
         elif self.batch_first:
             y = y.transpose(0, 1)
         return y, list(finals), kernels
@@ -242,7 +291,8 @@ class GRU(_FusedRNNBase):
 
     def __init__(self, *args, backend="auto", **kwargs):
         if "proj_size" in kwargs:
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU, got "
+                             f"proj_size={kwargs['proj_size']!r}")
         super().__init__("GRU", *args, backend=backend, **kwargs)
 
 
@@ -251,7 +301,8 @@ class RNN(_FusedRNNBase):
 
     def __init__(self, *args, backend="auto", **kwargs):
         if "proj_size" in kwargs:
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU, got "
+                             f"proj_size={kwargs['proj_size']!r}")
         if len(args) > 3:
             self.nonlinearity = args[3]
             args = args[:3] + args[4:]
@@ -272,32 +323,24 @@ class _FusedCell(_Backend):
         name = self._name
         is_lstm = self._mode == "LSTM"
         if not isinstance(input, Tensor):
-            raise TypeError(f"{name}: input must be a Tensor, got {_describe(input)}")
+            raise NotATensorError(f"{name}: input must be a Tensor, got {_describe(input)}")
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
         is_batched = input.dim() == 2
         x = input if is_batched else input.unsqueeze(0)
         weight_dtype = self.weight_ih.dtype
-        dtype = _compute_dtype(x.device.type, weight_dtype, "cell")
-        _check_input_tensor("input", x, self.input_size, weight_dtype if dtype == weight_dtype else x.dtype)
+        dtype = _compute_dtype(x, weight_dtype, name)
+        _check_input_tensor(x, self.input_size, weight_dtype if dtype == weight_dtype else x.dtype)
         x = x.to(dtype)
         B = x.shape[0]
         names = ["h_0", "c_0"] if is_lstm else ["h_0"]
         if hx is None:
             states = [x.new_zeros(B, self.hidden_size) for _ in names]
         else:
-            if is_lstm:
-                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                    raise HiddenStatePairError(f"{name}: hx must be a tuple (h_0, c_0) of two tensors, got {_describe(hx)}")
-                states = list(hx)
-            else:
-                if isinstance(hx, (tuple, list)):
-                    raise HiddenStateTypeError(f"{name}: hx must be a Tensor h_0, got {_describe(hx)} "
-                                               f"(an (h_0, c_0) pair is only for LSTMCell)")
-                states = [hx]
+            states = _hx_states(name, hx, is_lstm)
             for n, s in zip(names, states):
                 if not isinstance(s, Tensor):
-                    raise TypeError(f"{name}: {n} must be a Tensor, got {_describe(s)}")
+                    raise NotATensorError(f"{name}: {n} must be a Tensor, got {_describe(s)}")
                 if s.dim() not in (1, 2):
                     raise ValueError(f"{name}: Expected {n} to be 1D or 2D, got {s.dim()}D instead")
                 if s.dim() != input.dim():

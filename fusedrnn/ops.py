@@ -120,8 +120,10 @@ def _layer_backward_fake(dy, dhn, dcn, x, w_ih, w_hh, w_hr, lengths, hp, gates, 
     H = GH // GATES[mode]
     B = x.shape[1]
     db = x.new_empty(D, GH) if has_bias else _empty(x)
-    return (torch.empty_like(x), torch.empty_like(w_ih), db, torch.empty_like(w_hh), db.clone(),
-            torch.empty_like(w_hr) if w_hr is not None else _empty(x), x.new_empty(D, B, P),
+    # new_empty, not empty_like: the real outputs are contiguous whatever the inputs' strides
+    # (a batch_first layer passes a transposed x), and inductor asserts the fake strides.
+    return (x.new_empty(x.shape), x.new_empty(w_ih.shape), db, x.new_empty(w_hh.shape), db.clone(),
+            x.new_empty(w_hr.shape) if w_hr is not None else _empty(x), x.new_empty(D, B, P),
             x.new_empty(D, B, H) if mode == "LSTM" else _empty(x))
 
 
