@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
 
 import fusedrnn
 from conftest import assert_close_rel
@@ -197,11 +198,11 @@ class _GraphRecorder:
 
         def fw(gm, example_inputs):
             self.fw.append(gm)
-            return gm.forward
+            return make_boxed_func(gm.forward)
 
         def bw(gm, example_inputs):
             self.bw.append(gm)
-            return gm.forward
+            return make_boxed_func(gm.forward)
 
         self.backend = aot_autograd(fw_compiler=fw, bw_compiler=bw)
 
