@@ -392,8 +392,10 @@ class StepConfig:
 
 def step_config(mode, B, H, P, dtype):
     G = GATES[mode]
-    return StepConfig(BLOCK_B=_clamp_block(B, 32 if G == 1 else 16), BLOCK_H=_clamp_block(H, 32),
-                      BLOCK_K=16, num_warps=8 if G > 1 else 4)
+    block_b, block_h = _clamp_block(B, 32 if G == 1 else 16), _clamp_block(H, 32)
+    # 4 warps spilled 16 B in the RNN backward at 32 x 32 tiles
+    return StepConfig(BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=16,
+                      num_warps=8 if G > 1 or block_b * block_h >= 1024 else 4)
 
 
 def proj_config(B, H, P, dtype):
