@@ -172,10 +172,6 @@ def test_hooks_preserved():
     assert_close_rel(got, original(*inputs), TOL64, "with an output-changing hook")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fusedrnn/convert.py _twin copies the module's hook dicts (copy.copy of every dict in "
-    "__dict__), so a RemovableHandle taken before convert() removes the hook from the old dict "
-    "only: the converted module keeps calling it. Share the hook dicts (or re-point the handles)"))
 def test_hook_handle_removes_hook_after_convert():
     """A RemovableHandle taken before converting still removes the hook from the converted model."""
     model = Seq2Seq().double()

@@ -204,49 +204,6 @@ CELL_CASES = [c for n, k in (("LSTMCell", {}), ("GRUCell", {}), ("RNNCell", {}),
                              ("RNNCell", {"nonlinearity": "relu"})) for c in _cell_cases(n, k)]
 
 
-# Known fusedrnn bugs (fusedrnn/modules.py): test id -> what is wrong. Marked xfail(strict=True)
-# so that a fix shows up as XPASS (then delete the entry).
-_NOT_A_TENSOR = ("torch.nn raises AttributeError (\"'list' object has no attribute 'dim'\") for a "
-                 "non-tensor input; fusedrnn raises TypeError('... input must be a Tensor ...'), "
-                 "which is not an AttributeError (fusedrnn/modules.py: derive from both)")
-_HX_STR = ("hx/h_0/c_0 given as a str: torch.nn raises AttributeError (\"'str' object has no "
-           "attribute 'dim'\"); fusedrnn raises TypeError / HiddenStatePairError(TypeError, "
-           "IndexError), not an AttributeError")
-_CELL_DTYPE = ("cell input of another dtype than the weights (float64 or int64 vs float32): "
-               "torch.nn raises RuntimeError ('mat1 and mat2 must have the same dtype'); fusedrnn "
-               "raises ValueError (modules.py _check_input_tensor), not a RuntimeError")
-_CTOR_GOT = ("the message of this constructor error (torch.nn.RNNBase's own, which fusedrnn "
-             "re-raises unchanged) does not say what value was got")
-KNOWN_BUGS = {
-    **{f"{n}-not-a-tensor": _NOT_A_TENSOR
-       for n in ("LSTM", "GRU", "RNN", "RNN_relu", "LSTMCell", "GRUCell", "RNNCell", "RNNCell_relu")},
-    **{f"{n}-hx-string": _HX_STR for n in ("LSTM", "GRU", "RNN", "RNN_relu")},
-    "LSTM-c0-string": _HX_STR,
-    "LSTM-hx-3-tuple": ("LSTM hx=(h, h, h): torch.nn raises RuntimeError('lstm expects two hidden "
-                        "states'); fusedrnn raises HiddenStatePairError(TypeError, IndexError), not "
-                        "a RuntimeError"),
-    "LSTMCell-hx-3-tuple": ("LSTMCell hx=(h, h, h): torch.nn raises RuntimeError('lstm_cell expects "
-                            "two hidden states'); fusedrnn raises HiddenStatePairError(TypeError, "
-                            "IndexError), not a RuntimeError"),
-    "LSTMCell-hx-1-tuple": ("LSTMCell hx=(h,): torch.nn raises RuntimeError('lstm_cell expects two "
-                            "hidden states'); fusedrnn raises HiddenStatePairError(TypeError, "
-                            "IndexError), not a RuntimeError"),
-    **{f"{n}-{k}-input": _CELL_DTYPE
-       for n in ("LSTMCell", "GRUCell", "RNNCell", "RNNCell_relu") for k in ("float64", "int")},
-    "LSTM-packed-float64-input": ("LSTM on a PackedSequence of float64 data (float32 weights): "
-                                  "torch.nn raises RuntimeError ('mat1 and mat2 must have the same "
-                                  "dtype'); fusedrnn raises ValueError, not a RuntimeError"),
-    "LSTM-packed-h0-rank": ("LSTM on a PackedSequence with 2-D h_0/c_0: torch.nn raises IndexError "
-                            "('Dimension out of range'); fusedrnn raises RuntimeError('For batched "
-                            "3-D input, h_0 should also be 3-D ...'), not an IndexError"),
-}
-
-
-def _params(cases):
-    return [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[c.id])]
-                         if c.id in KNOWN_BUGS else []) for c in cases]
-
-
 def _good_args(name):
     if name.endswith("Cell"):
         return (torch.randn(2, I),)
@@ -305,20 +262,20 @@ def test_op_recorder_sees_computation(name, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", _params(LAYER_CASES))
+@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: c.id)
 def test_layer_bad_input(case, backend):
     check_rejected_like_torch(case, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", _params(CELL_CASES))
+@pytest.mark.parametrize("case", CELL_CASES, ids=lambda c: c.id)
 def test_cell_bad_input(case, backend):
     check_rejected_like_torch(case, backend)
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("case", _params([c for c in LAYER_CASES if c.name == "GRU"] +
-                                         [c for c in CELL_CASES if c.name == "LSTMCell"]))
+@pytest.mark.parametrize("case", [c for c in LAYER_CASES if c.name == "GRU"] +
+                         [c for c in CELL_CASES if c.name == "LSTMCell"], ids=lambda c: c.id)
 def test_bad_input_triton_backend(case):
     """Validation happens before dispatch, for the Triton backend too (no kernel runs)."""
     check_rejected_like_torch(case, "triton", follow_up=False)
@@ -328,55 +285,28 @@ def test_bad_input_triton_backend(case):
 # constructor arguments
 # ----------------------------------------------------------------------------------------------
 
-def _ctor_param(*values, id, bug=None):
-    marks = [pytest.mark.xfail(strict=True, reason=bug)] if bug else []
-    return pytest.param(*values, id=id, marks=marks)
-
-
-_NAMES_NOT = ("num_layers=1.0: the TypeError (\"'float' object cannot be interpreted as an "
-              "integer\", from torch.nn.RNNBase, re-raised unchanged) does not name num_layers")
 CTOR_CASES = [
-    _ctor_param("LSTM", dict(proj_size=H), "proj_size", rf"\b{H}\b", id="LSTM-proj_size=H",
-                bug=f"LSTM(3, 4, proj_size=4): {_CTOR_GOT} ('proj_size has to be smaller than "
-                    "hidden_size')"),
-    _ctor_param("LSTM", dict(proj_size=H + 3), "proj_size", rf"\b{H + 3}\b", id="LSTM-proj_size>H",
-                bug=f"LSTM(3, 4, proj_size=7): {_CTOR_GOT}"),
-    _ctor_param("LSTM", dict(proj_size=-1), "proj_size", r"-1", id="LSTM-proj_size=-1",
-                bug=f"LSTM(3, 4, proj_size=-1): {_CTOR_GOT} ('proj_size should be a positive "
-                    "integer or zero to disable projections')"),
-    _ctor_param("GRU", dict(proj_size=2), "proj_size", r"\b2\b", id="GRU-proj_size=2",
-                bug="GRU(3, 4, proj_size=2): 'proj_size argument is only supported for LSTM, not "
-                    "RNN or GRU' does not say what was got (proj_size=2) (fusedrnn/modules.py GRU)"),
-    _ctor_param("RNN", dict(proj_size=2), "proj_size", r"\b2\b", id="RNN-proj_size=2",
-                bug="RNN(3, 4, proj_size=2): the message does not say what was got (proj_size=2) "
-                    "(fusedrnn/modules.py RNN)"),
-    _ctor_param("GRU", dict(proj_size=0), "proj_size", r"\b0\b", id="GRU-proj_size=0",
-                bug="GRU(3, 4, proj_size=0): the message does not say what was got (proj_size=0)"),
-    _ctor_param("RNN", dict(nonlinearity="sigmoid"), "nonlinearity", "sigmoid", id="RNN-nonlinearity"),
-    _ctor_param("LSTM", dict(num_layers=0), "num_layers", r"\b0\b", id="LSTM-num_layers=0",
-                bug=f"LSTM(3, 4, num_layers=0): {_CTOR_GOT} ('num_layers must be greater than "
-                    "zero')"),
-    _ctor_param("GRU", dict(num_layers=-2), "num_layers", r"-2", id="GRU-num_layers=-2",
-                bug=f"GRU(3, 4, num_layers=-2): {_CTOR_GOT}"),
-    _ctor_param("LSTM", dict(dropout=1.5), "dropout", r"1\.5", id="LSTM-dropout=1.5",
-                bug=f"LSTM(3, 4, dropout=1.5): {_CTOR_GOT} ('dropout should be a number in range "
-                    "[0, 1] ...')"),
-    _ctor_param("RNN", dict(dropout=-0.1), "dropout", r"-0\.1", id="RNN-dropout=-0.1",
-                bug=f"RNN(3, 4, dropout=-0.1): {_CTOR_GOT}"),
-    _ctor_param("GRU", dict(dropout=True), "dropout", "True", id="GRU-dropout=True",
-                bug=f"GRU(3, 4, dropout=True): {_CTOR_GOT}"),
-    _ctor_param("LSTM", dict(num_layers=1.0), "num_layers", r"float|1\.0", id="LSTM-num_layers=1.0",
-                bug=_NAMES_NOT),
+    pytest.param("LSTM", dict(proj_size=H), "proj_size", rf"\b{H}\b", id="LSTM-proj_size=H"),
+    pytest.param("LSTM", dict(proj_size=H + 3), "proj_size", rf"\b{H + 3}\b", id="LSTM-proj_size>H"),
+    pytest.param("LSTM", dict(proj_size=-1), "proj_size", r"-1", id="LSTM-proj_size=-1"),
+    pytest.param("GRU", dict(proj_size=2), "proj_size", r"\b2\b", id="GRU-proj_size=2"),
+    pytest.param("RNN", dict(proj_size=2), "proj_size", r"\b2\b", id="RNN-proj_size=2"),
+    pytest.param("GRU", dict(proj_size=0), "proj_size", r"\b0\b", id="GRU-proj_size=0"),
+    pytest.param("RNN", dict(nonlinearity="sigmoid"), "nonlinearity", "sigmoid",
+                 id="RNN-nonlinearity"),
+    pytest.param("LSTM", dict(num_layers=0), "num_layers", r"\b0\b", id="LSTM-num_layers=0"),
+    pytest.param("GRU", dict(num_layers=-2), "num_layers", r"-2", id="GRU-num_layers=-2"),
+    pytest.param("LSTM", dict(num_layers=1.0), "num_layers", r"float|1\.0", id="LSTM-num_layers=1.0"),
+    pytest.param("LSTM", dict(dropout=1.5), "dropout", r"1\.5", id="LSTM-dropout=1.5"),
+    pytest.param("RNN", dict(dropout=-0.1), "dropout", r"-0\.1", id="RNN-dropout=-0.1"),
+    pytest.param("GRU", dict(dropout=True), "dropout", "True", id="GRU-dropout=True"),
 ]
 SIZE_CASES = [  # (input_size, hidden_size) that torch.nn's layers reject
-    _ctor_param((I, 0), "hidden_size", r"\b0\b", id="hidden_size=0",
-                bug=f"hidden_size=0: {_CTOR_GOT} ('hidden_size must be greater than zero')"),
-    _ctor_param((I, -1), "hidden_size", r"-1", id="hidden_size=-1",
-                bug=f"hidden_size=-1: {_CTOR_GOT} ('hidden_size must be greater than zero')"),
-    _ctor_param((I, 4.0), "hidden_size", r"float|4\.0", id="hidden_size=4.0"),
-    _ctor_param((0, H), "input_size", r"\b0\b", id="input_size=0",
-                bug=f"input_size=0: {_CTOR_GOT} ('input_size must be greater than zero')"),
-    _ctor_param((3.0, H), "input_size", r"float|3\.0", id="input_size=3.0"),
+    pytest.param((I, 0), "hidden_size", r"\b0\b", id="hidden_size=0"),
+    pytest.param((I, -1), "hidden_size", r"-1", id="hidden_size=-1"),
+    pytest.param((I, 4.0), "hidden_size", r"float|4\.0", id="hidden_size=4.0"),
+    pytest.param((0, H), "input_size", r"\b0\b", id="input_size=0"),
+    pytest.param((3.0, H), "input_size", r"float|3\.0", id="input_size=3.0"),
 ]
 
 

@@ -613,16 +613,6 @@ _AUTOCAST_BUGS = {
     ("LSTM_proj", "float32"): (
         "LSTM(proj_size=3) under CPU bf16 autocast, float32 input: torch.nn returns c_n in "
         "float32 (output and h_n bf16); fusedrnn returns c_n in bfloat16"),
-    **{(k, "float32"): (
-        f"{CELL_KINDS[k][0]}(nonlinearity={CELL_KINDS[k][1]['nonlinearity']!r}) under CPU bf16 "
-        "autocast, float32 input: torch.nn returns bfloat16 (its cell op is autocast); fusedrnn "
-        "returns float32 (modules.py _compute_dtype excludes cells)")
-       for k in ("RNNCell_tanh", "RNNCell_relu")},
-    **{(k, "bfloat16"): (
-        f"{k} (float32 weights) under CPU bf16 autocast, bfloat16 input: torch.nn runs and returns "
-        "bfloat16; fusedrnn raises ValueError('input dtype (torch.bfloat16) does not match weight "
-        "dtype (torch.float32)')")
-       for k in ("GRU", "LSTMCell", "GRUCell", "RNNCell_tanh", "RNNCell_relu")},
 }
 
 
