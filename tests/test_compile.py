@@ -144,24 +144,37 @@ def test_compile_inductor_fullgraph_matches_eager(batch_first):
         _assert_same(_run(compiled, inputs), eager, 1e-4, "inductor")
 
 
-@pytest.mark.parametrize("fullgraph", [False, True])
-def test_compile_packed_and_unbatched(fullgraph):
-    """A PackedSequence (unsorted) and an unbatched input compile and match eager; with
+@pytest.mark.parametrize("fullgraph,enforce_sorted", [(False, False), (True, False), (True, True)])
+def test_compile_packed_and_unbatched(fullgraph, enforce_sorted):
+    """A PackedSequence and an unbatched input compile and match eager, gradients included; with
     fullgraph=True without any graph break. (pack_padded_sequence itself is skipped by dynamo,
     so the packing happens outside the compiled function.)"""
     lstm = fusedrnn.LSTM(3, 4, bidirectional=True, proj_size=2, dtype=torch.float64)
     gru = fusedrnn.GRU(3, 4, dtype=torch.float64)
+    lengths = torch.tensor([4, 3, 2] if enforce_sorted else [2, 4, 3])
 
     def f(packed, u):
         y, (h, c) = lstm(packed)
         yu, hu = gru(u)
         return y.data, h, c, yu, hu
 
-    x, u = torch.randn(4, 3, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
-    packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([2, 4, 3]), enforce_sorted=False)
-    expected = f(packed, u)
-    got = torch.compile(f, backend="aot_eager", fullgraph=fullgraph)(packed, u)
-    assert_close_rel(list(got), list(expected), 1e-12, "packed/unbatched compiled")
+    def run(fn):
+        torch.manual_seed(0)
+        x = torch.randn(4, 3, 3, dtype=torch.float64, requires_grad=True)
+        u = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
+        for m in (lstm, gru):
+            m.zero_grad(set_to_none=True)
+        outs = fn(packed, u)
+        sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view(o.shape)).sum()
+            for o in outs).backward()
+        grads = [p.grad for m in (lstm, gru) for p in m.parameters()]
+        return list(outs), [x.grad, u.grad] + grads
+
+    expected = run(f)
+    got = run(torch.compile(f, backend="aot_eager", fullgraph=fullgraph))
+    assert_close_rel(got[0], expected[0], 1e-12, "packed/unbatched compiled: outputs")
+    assert_close_rel(got[1], expected[1], 1e-12, "packed/unbatched compiled: gradients")
 
 
 def test_compile_converted_models():

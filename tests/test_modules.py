@@ -21,6 +21,7 @@ import os
 import pickle
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -213,6 +214,39 @@ def test_constructor_attributes_parameters_and_repr(name, args, kwargs):
         assert gp[n].shape == rp[n].shape and gp[n].dtype == rp[n].dtype, n
         assert torch.equal(gp[n], rp[n]), f"{n}: different initial values for the same seed"
     assert list(got.state_dict()) == list(ref.state_dict())
+
+
+_STRICT_INT = ("fusedrnn/modules.py _check_layer_args requires isinstance(value, int) and not "
+               "bool for {arg}; torch.nn.RNNBase does not check {arg}'s type and accepts {val} "
+               "(fusedrnn raises TypeError('{arg} should be of type int, got: ...'))")
+LENIENT_CTOR_CASES = [  # values torch.nn accepts though they are not plain int/float
+    pytest.param("GRU", (3, 4), dict(num_layers=np.int64(2)), id="num_layers=np.int64",
+                 marks=pytest.mark.xfail(strict=True, reason=_STRICT_INT.format(
+                     arg="num_layers", val="np.int64(2)"))),
+    pytest.param("LSTM", (3, 4), dict(proj_size=np.int64(2)), id="proj_size=np.int64(2)",
+                 marks=pytest.mark.xfail(strict=True, reason=_STRICT_INT.format(
+                     arg="proj_size", val="np.int64(2)"))),
+    pytest.param("LSTM", (3, 4), dict(proj_size=np.int64(0)), id="proj_size=np.int64(0)",
+                 marks=pytest.mark.xfail(strict=True, reason=_STRICT_INT.format(
+                     arg="proj_size", val="np.int64(0)"))),
+    pytest.param("RNN", (3, 4), dict(num_layers=2, dropout=np.float64(0.5)),
+                 id="dropout=np.float64"),
+    pytest.param("GRU", (3, True), {}, id="hidden_size=True",     # bool is an int: 1 unit
+                 marks=pytest.mark.xfail(strict=True, reason=(
+                     "torch.nn.GRU(3, True) is a GRU with hidden_size True (== 1, bool is an int); "
+                     "fusedrnn raises TypeError('hidden_size should be of type int, got: bool')"))),
+]
+
+
+@pytest.mark.parametrize("name,args,kwargs", LENIENT_CTOR_CASES)
+def test_constructor_accepts_what_torch_accepts(name, args, kwargs):
+    torch.manual_seed(7)
+    ref = getattr(nn, name)(*args, **kwargs)           # torch.nn accepts these
+    torch.manual_seed(7)
+    got = getattr(fusedrnn, name)(*args, **kwargs)
+    assert repr(got) == repr(ref)
+    x = torch.randn(T, B, I)
+    assert_close_rel(flatten(got.eval()(x)), flatten(ref.eval()(x)), TOL[torch.float32], name)
 
 
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
@@ -598,55 +632,78 @@ def test_bfloat16_modules(kind, backend):
 # autocast
 # ----------------------------------------------------------------------------------------------
 
-def _torch_autocast_dtypes(ref, x):
-    """Output dtypes of the torch.nn module under CPU bf16 autocast, or None when torch.nn
-    itself fails there (oneDNN cannot build its LSTM primitive for a float32 input under
-    autocast on some CPUs)."""
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return [o.dtype for o in flatten(ref(x))], flatten(ref(x))
-    except RuntimeError:
-        return None, None
+def _autocast_outputs(module, x, hx):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return flatten(module(x) if hx is None else module(x, hx))
 
 
+def _autocast_states(name, kw, lead, dtype):
+    if dtype is None:
+        return None
+    P = kw.get("proj_size", 0) or H
+    h = torch.randn(lead + (P,)).to(dtype)
+    return (h, torch.randn(lead + (H,)).to(dtype)) if name.startswith("LSTM") else h
+
+
+_F32, _BF16 = torch.float32, torch.bfloat16
+_AC_PROJ_CN = ("LSTM(proj_size=3) under CPU bf16 autocast with float32 c_0 (given, or the default "
+               "zeros for float32 input): torch.nn returns c_n in float32 (output, h_n bf16); "
+               "fusedrnn returns c_n in bfloat16")
+_AC_F32_STATES = ("{k} under CPU bf16 autocast, bfloat16 input with float32 h_0/c_0: torch.nn "
+                  "returns every output in float32 (the float32 states promote); fusedrnn returns "
+                  "bfloat16")
+_AC_BF16_STATES = ("{k} under CPU bf16 autocast, float32 input with bfloat16 h_0 (c_0): torch.nn "
+                   "runs and returns bfloat16; fusedrnn raises DtypeMismatchError('h_0 must have "
+                   "the same dtype as input (torch.float32), got torch.bfloat16')")
 _AUTOCAST_BUGS = {
-    ("LSTM_proj", "float32"): (
-        "LSTM(proj_size=3) under CPU bf16 autocast, float32 input: torch.nn returns c_n in "
-        "float32 (output and h_n bf16); fusedrnn returns c_n in bfloat16"),
+    ("LSTM_proj", _F32, None): _AC_PROJ_CN,
+    ("LSTM_proj", _F32, _F32): _AC_PROJ_CN,
+    ("LSTM_proj", _BF16, _F32): ("LSTM(proj_size=3) under CPU bf16 autocast, bfloat16 input with "
+                                 "float32 h_0/c_0: torch.nn returns c_n in float32 (output, h_n "
+                                 "bf16); fusedrnn returns all three in bfloat16"),
+    **{(k, _BF16, _F32): _AC_F32_STATES.format(k=k) for k in ("LSTM", "GRU", "LSTMCell", "GRUCell")},
+    **{(k, _F32, _BF16): _AC_BF16_STATES.format(k=k) for k in ("GRU", "LSTMCell", "GRUCell")},
 }
+_AUTOCAST_CASES = [
+    pytest.param(k, dt, hd, id=f"{k}-{str(dt)[6:]}-hx_{str(hd)[6:] if hd else None}",
+                 marks=[pytest.mark.xfail(strict=True, reason=_AUTOCAST_BUGS[(k, dt, hd)])]
+                 if (k, dt, hd) in _AUTOCAST_BUGS else [])
+    for k in list(LAYER_KINDS) + list(CELL_KINDS)
+    for dt in (torch.float32, torch.bfloat16)
+    for hd in (None, torch.float32, torch.bfloat16)]
 
 
-@pytest.mark.parametrize("kind,input_dtype", [
-    pytest.param(k, dt, id=f"{k}-{str(dt)[6:]}",
-                 marks=[pytest.mark.xfail(strict=True, reason=_AUTOCAST_BUGS[(k, str(dt)[6:])])]
-                 if (k, str(dt)[6:]) in _AUTOCAST_BUGS else [])
-    for k in list(LAYER_KINDS) + list(CELL_KINDS) for dt in (torch.float32, torch.bfloat16)])
-def test_autocast_bf16(kind, input_dtype):
+@pytest.mark.parametrize("kind,input_dtype,hx_dtype", _AUTOCAST_CASES)
+def test_autocast_bf16(kind, input_dtype, hx_dtype):
     """Under torch.autocast("cpu", bfloat16) the twin returns the dtypes torch.nn returns and
     values within bf16 tolerance of the float32 computation: bf16 has 8 mantissa bits
-    (eps 7.8e-3); a few roundings per step over T=4 steps stay below 5e-2 relative."""
+    (eps 7.8e-3); a few roundings per step over T=4 steps stay below 5e-2 relative.
+    Where torch.nn itself fails (oneDNN cannot build its LSTM primitive for float32 input under
+    autocast), there is no dtype to compare with: fusedrnn must still run and be accurate."""
     name, kw = (LAYER_KINDS[kind][:2] if kind in LAYER_KINDS else CELL_KINDS[kind])
     ref, got = make_twin_pair(name, I, H, dtype=torch.float32, **kw)
-    shape = (T, B, I) if name in ("LSTM", "GRU", "RNN") else (B, I)
-    x = torch.randn(shape).to(input_dtype)
-    exp_dtypes, exp_vals = _torch_autocast_dtypes(ref, x)
-    if exp_dtypes is None:
-        # torch.nn.LSTM fails (oneDNN) for float32 input under autocast; its autocast policy
-        # (mkldnn_rnn_layer is a lower-precision op) gives bf16, as it does for bf16 input.
-        exp_dtypes = [torch.bfloat16] * len(flatten(ref(x.float())))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = flatten(got(x))
-    assert [o.dtype for o in out] == exp_dtypes
-    fp32 = flatten(ref(x.float()))
-    for i, (o, e) in enumerate(zip(out, fp32)):
-        assert_close_rel(o.float(), e, 5e-2, f"{kind} autocast output {i} vs float32")
-    if exp_vals is not None:
-        for i, (o, e) in enumerate(zip(out, exp_vals)):
-            assert_close_rel(o.float(), e.float(), 5e-2, f"{kind} autocast output {i} vs torch.nn")
+    layer = name in ("LSTM", "GRU", "RNN")
+    x = torch.randn((T, B, I) if layer else (B, I)).to(input_dtype)
+    hx = _autocast_states(name, kw, (1, B) if layer else (B,), hx_dtype)
+    try:
+        expected = _autocast_outputs(ref, x, hx)
+    except RuntimeError:
+        expected = None
+    out = _autocast_outputs(got, x, hx)
+    if expected is not None:
+        assert [o.dtype for o in out] == [e.dtype for e in expected], "output dtypes differ"
+        assert_close_rel([o.float() for o in out], [e.float() for e in expected], 5e-2,
+                         f"{kind} autocast vs torch.nn")
+    else:
+        assert all(o.dtype in (torch.float32, torch.bfloat16) for o in out)
+    hx32 = None if hx is None else (tuple(t.float() for t in hx) if isinstance(hx, tuple)
+                                    else hx.float())
+    fp32 = flatten(ref(x.float()) if hx32 is None else ref(x.float(), hx32))
+    assert_close_rel([o.float() for o in out], fp32, 5e-2, f"{kind} autocast vs float32")
     # backward under autocast works
     x2 = x.detach().clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = sum(o.float().sum() for o in flatten(got(x2)))
+        loss = sum(o.float().sum() for o in flatten(got(x2) if hx is None else got(x2, hx)))
     loss.backward()
     assert x2.grad is not None and torch.isfinite(x2.grad).all()
 
