@@ -18,10 +18,11 @@ from .scan import GATES, MODES, backward_launches, forward_launches, persistent_
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _SIG = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
         torch.int64: "i64", torch.int32: "i32"}
-# (B, H, P_proj): reach BLOCK_B 16/32, BLOCK_H 16/32/64 and BLOCK_K 16/32 in step_config, and a
-# persistent layer one program holds (H <= 32) as well as one that needs the grid barrier.
+# (B, H, P_proj): reach every clamp of step_config / proj_config, the largest single-program
+# persistent plans (B = 64; H = 32 gated, 64 RNN) and layers that need the grid barrier. Shapes a
+# plan cannot hold for some mode / dtype are skipped there.
 STEP_SHAPES = ((3, 5, 3), (20, 24, 16), (64, 256, 128))
-PERSISTENT_SHAPES = ((3, 5, 3), (3, 32, 16))
+PERSISTENT_SHAPES = ((3, 5, 3), (3, 32, 16), (16, 32, 16), (32, 32, None), (64, 16, 8), (32, 64, None))
 GRID_SYNC_SHAPES = ((8, 64, 32), (8, 128, 64))
 
 
@@ -120,6 +121,9 @@ def kernel_configs(modes=MODES, dtypes=_DTYPES):
                     add(_launches_of(mode, dtype, "stepwise", B, H, Pp if projs else None, bias, lens,
                                      save, tf32), dtype)
                 for B, H, Pp in PERSISTENT_SHAPES:
+                    P = Pp if projs and Pp is not None else H
+                    if (projs and Pp is None) or persistent_plan(mode, 2, B, H, P, dtype, 1, 1 << 20) is None:
+                        continue
                     add(_launches_of(mode, dtype, "persistent", B, H, Pp if projs else None, bias, lens,
                                      save, tf32), dtype)
                 with _env("FUSEDRNN_GRID_BARRIER", "1"):
@@ -163,7 +167,8 @@ def select(configs, how="groups"):
         d = dict(c.constexprs)
         key = (c.name, d.get("MODE"), c.dtype, d.get("PERSISTENT"), d.get("GRID_SYNC"), d.get("HAS_PROJ"),
                d["PREC"] if d.get("MODE", "LSTM") == "LSTM" else None)
-        score = (sum(bool(d.get(k)) for k in ("HAS_BIAS", "HAS_LEN", "SAVE")), d["BLOCK_K"], d.get("BLOCK_H", 0))
+        score = (sum(bool(d.get(k)) for k in ("HAS_BIAS", "HAS_LEN", "SAVE")),
+                 d["BLOCK_K"] * d.get("BLOCK_H", d.get("BLOCK_P", 0)) * d["BLOCK_B"])
         if key not in best or score > best[key][0]:
             best[key] = (score, c)
     return [c for _, c in best.values()]

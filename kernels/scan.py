@@ -418,11 +418,12 @@ class PersistentPlan:
     grid_sync: bool
 
 
-# Register budget of one CTA for the resident weights, in elements: 8192 float32 is 32 (8 warps) to
-# 64 (4 warps) registers per thread, leaving room for the accumulators and the dot operand
-# shuffles; float64 takes two registers per element.
-WEIGHT_BUDGET = {torch.float64: 4096}
-WEIGHT_BUDGET_DEFAULT = 8192
+# Register budget of one persistent CTA (8 warps), in float32-sized values per thread: resident
+# weights + gate accumulators + the h operand tile, float64 counting twice. Calibrated on the sm_90
+# resource table: 26 (LSTM H=32, B=16) compiles with at most 32 B of spills, 44 and above spilled
+# 40-1700 B (GRU/LSTM B=64, RNN H=64 B=64).
+REG_BUDGET = 32
+PERSISTENT_WARPS = 8
 MAX_PERSISTENT_B = 64
 
 
@@ -437,7 +438,6 @@ def persistent_plan(mode, D, B, H, P, dtype, num_sms, smem_per_block):
     if mode not in GATES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     G = GATES[mode]
-    budget = WEIGHT_BUDGET.get(dtype, WEIGHT_BUDGET_DEFAULT)
     elem = 8 if dtype == torch.float64 else 4
     BLOCK_B = _clamp_block(B, 1 << 30)
     BLOCK_K = _clamp_block(max(H, P), 1 << 30)
@@ -445,16 +445,15 @@ def persistent_plan(mode, D, B, H, P, dtype, num_sms, smem_per_block):
         return None
 
     def fits(block_h):
-        # weights resident; accumulators; the dot stages one weight tile and h through shared memory
+        values = G * block_h * BLOCK_K + G * block_h * BLOCK_B + BLOCK_K * BLOCK_B
+        per_thread = values * (elem // 4) / (32 * PERSISTENT_WARPS)
+        # the dot stages one weight tile and h through shared memory
         smem = (block_h * BLOCK_K + BLOCK_K * BLOCK_B) * elem
-        return (G * block_h * BLOCK_K <= budget and G * block_h * BLOCK_B <= budget
-                and smem <= smem_per_block)
+        return per_thread <= REG_BUDGET and smem <= smem_per_block
 
     def plan(block_h, grid_sync):
-        # 8 warps for gated cells: 4 spilled with the projection step inlined (resource table)
-        warps = 4 if G == 1 and block_h * BLOCK_K <= budget // 2 else 8
         return PersistentPlan(grid=(D, 1, triton.cdiv(H, block_h)), BLOCK_B=BLOCK_B, BLOCK_H=block_h,
-                              BLOCK_K=BLOCK_K, num_warps=warps, grid_sync=grid_sync)
+                              BLOCK_K=BLOCK_K, num_warps=PERSISTENT_WARPS, grid_sync=grid_sync)
 
     single = _clamp_block(H, 1 << 30)
     if fits(single):

@@ -274,12 +274,14 @@ def test_persistent_plan():
     # too big for one CTA: None unless the (GPU-only, untested here) grid barrier is enabled
     old = os.environ.pop("FUSEDRNN_GRID_BARRIER", None)
     try:
-        assert K.persistent_plan("LSTM", 2, 8, 128, 128, torch.float32, 132, 227 * 1024) is None
+        assert K.persistent_plan("LSTM", 2, 8, 64, 64, torch.float32, 132, 227 * 1024) is None
         os.environ["FUSEDRNN_GRID_BARRIER"] = "1"
-        plan = K.persistent_plan("LSTM", 2, 8, 128, 128, torch.float32, 132, 227 * 1024)
+        plan = K.persistent_plan("LSTM", 2, 8, 64, 64, torch.float32, 132, 227 * 1024)
         assert plan is not None and plan.grid_sync and 2 * plan.grid[2] <= 132
         # every program must be resident at once
-        assert K.persistent_plan("LSTM", 2, 8, 128, 128, torch.float32, 4, 227 * 1024) is None
+        assert K.persistent_plan("LSTM", 2, 8, 64, 64, torch.float32, 4, 227 * 1024) is None
+        # never with a projection
+        assert K.persistent_plan("LSTM", 2, 8, 64, 32, torch.float32, 132, 227 * 1024) is None
         assert K.persistent_plan("LSTM", 1, 8, 4096, 4096, torch.float32, 132, 227 * 1024) is None
         assert K.persistent_plan("GRU", 1, 500, 16, 16, torch.float32, 132, 227 * 1024) is None
     finally:
