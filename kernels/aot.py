@@ -23,7 +23,7 @@ _SIG = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", to
 # plan cannot hold for some mode / dtype are skipped there.
 STEP_SHAPES = ((3, 5, 3), (20, 24, 16), (64, 256, 128))
 PERSISTENT_SHAPES = ((3, 5, 3), (3, 32, 16), (16, 32, 16), (32, 32, None), (64, 16, 8), (32, 64, None))
-GRID_SYNC_SHAPES = ((8, 64, 32), (8, 128, 64))
+GRID_SYNC_SHAPES = ((8, 32, 16), (8, 64, 32), (8, 128, 64))
 
 
 @dataclass(frozen=True)
