@@ -204,6 +204,35 @@ CELL_CASES = [c for n, k in (("LSTMCell", {}), ("GRUCell", {}), ("RNNCell", {}),
                              ("RNNCell", {"nonlinearity": "relu"})) for c in _cell_cases(n, k)]
 
 
+_RANK_LAYER = r"2-?D.{0,8}3-?D"
+_RANK_CELL = r"1-?D.{0,8}2-?D"
+# What the message must say was expected, by case id without the module prefix.
+EXPECTED = {
+    "rank4": _RANK_LAYER, "rank1": _RANK_LAYER, "rank3": _RANK_CELL, "rank0": _RANK_CELL,
+    "features": rf"\b{I}\b", "packed-features": rf"\b{I}\b",
+    "float64-input": "float32", "float16-input": "float32", "int-input": "float32",
+    "complex-input": "float32", "packed-float64-input": "float32",
+    "T0": r"at least 1|larger than 0|>\s*0", "T0-batch-first": r"at least 1|larger than 0|>\s*0",
+    "T0-unbatched": r"at least 1|larger than 0|>\s*0",
+    "not-a-tensor": "Tensor", "hx-string": r"Tensor|tuple", "c0-string": "Tensor", "hx-tuple": "Tensor",
+    "h0-batch": _shape_re(1, 1, H), "h0-hidden": _shape_re(1, 1, H), "h0-layers": _shape_re(1, 1, H),
+    "h0-bidirectional": _shape_re(2, 1, H), "h0-rank-batched": r"3-?D", "h0-rank-unbatched": r"2-?D",
+    "packed-h0-batch": _shape_re(1, 2, H), "packed-h0-rank": r"3-?D",
+    "h0-float64": "float32", "packed-h0-float64": "float32", "c0-float64": "float32",
+    "c0-shape": _shape_re(1, 1, H), "c0-batch": _shape_re(1, 1, H), "proj-h0-is-H": _shape_re(1, 1, 2),
+    "hx-tensor": r"tuple|pair", "hx-1-tuple": r"two|\b2\b", "hx-3-tuple": r"two|\b2\b",
+    "h-batch": r"\b2\b", "h-hidden": rf"\b{H}\b", "h-rank3": _RANK_CELL + r"|1-?D|2-?D",
+    "h-2d-unbatched-input": r"1-?D|" + _shape_re(1, H) + "|" + _shape_re(H),
+    "h-float64": "float32", "h-int": "float32", "c-batch": r"\b2\b", "B0-h-batch": _shape_re(0, H),
+}
+
+
+def _expected_re(case):
+    key = case.id.split("-", 1)[1]
+    assert key in EXPECTED, f"no expected-value pattern for case {case.id}"
+    return EXPECTED[key]
+
+
 def _good_args(name):
     if name.endswith("Cell"):
         return (torch.randn(2, I),)
@@ -243,6 +272,8 @@ def check_rejected_like_torch(case: Case, backend: str, follow_up: bool = True):
     assert any(n.lower() in msg.lower() for n in case.arg_names), (
         f"message does not name the argument (one of {case.arg_names}): {msg!r}")
     assert re.search(case.got, msg), f"message does not say what was got ({case.got!r}): {msg!r}"
+    assert re.search(_expected_re(case), msg), (
+        f"message does not say what was expected ({_expected_re(case)!r}): {msg!r}")
     computed = [op for op in recorder.ops if _COMPUTE.search(op)]
     assert not computed, f"computation ran before the error was raised: {computed}"
     if follow_up:
