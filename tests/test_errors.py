@@ -341,6 +341,14 @@ SIZE_CASES = [  # (input_size, hidden_size) that torch.nn's layers reject
 ]
 
 
+_CTOR_EXPECTED = {  # what the message must say was expected, by argument
+    "proj_size": r"smaller than hidden_size|positive|zero|only supported for LSTM",
+    "num_layers": r"greater than zero|int", "hidden_size": r"greater than zero|int",
+    "input_size": r"greater than zero|int", "dropout": r"\[0, 1\]",
+    "nonlinearity": r"tanh.*relu",
+}
+
+
 def check_ctor_rejected_like_torch(make_ref, make_got, arg, got_re):
     with pytest.raises(Exception) as t_info:
         make_ref()
@@ -352,6 +360,7 @@ def check_ctor_rejected_like_torch(make_ref, make_got, arg, got_re):
         f"{type(f_exc).__name__}({f_exc})")
     assert arg in str(f_exc), f"message does not name {arg!r}: {str(f_exc)!r}"
     assert re.search(got_re, str(f_exc)), f"message does not say what was got ({got_re}): {f_exc}"
+    assert re.search(_CTOR_EXPECTED[arg], str(f_exc)), f"message does not say what was expected: {f_exc}"
 
 
 @pytest.mark.parametrize("name,kwargs,arg,got_re", CTOR_CASES)
