@@ -158,7 +158,7 @@ def ptxas_path():
 
 def select(configs, how="groups"):
     """"all", or "groups": one configuration per (kernel, mode, dtype, variant, grid sync,
-    projection, and for LSTM the dot precision), the one with the most optional features on (bias,
+    projection, and for stepwise LSTM the dot precision), the one with the most optional features on (bias,
     lengths, save) and the largest blocks, which is the heaviest of its group."""
     if how == "all":
         return list(configs)
@@ -166,7 +166,7 @@ def select(configs, how="groups"):
     for c in configs:
         d = dict(c.constexprs)
         key = (c.name, d.get("MODE"), c.dtype, d.get("PERSISTENT"), d.get("GRID_SYNC"), d.get("HAS_PROJ"),
-               d["PREC"] if d.get("MODE", "LSTM") == "LSTM" else None)
+               d["PREC"] if d.get("MODE", "LSTM") == "LSTM" and not d.get("PERSISTENT") else None)
         score = (sum(bool(d.get(k)) for k in ("HAS_BIAS", "HAS_LEN", "SAVE")),
                  d["BLOCK_K"] * d.get("BLOCK_H", d.get("BLOCK_P", 0)) * d["BLOCK_B"])
         if key not in best or score > best[key][0]:
