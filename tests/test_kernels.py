@@ -241,6 +241,20 @@ def test_deterministic(cell):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("variant", ["stepwise", "persistent"])
+def test_allow_tf32(variant):
+    """allow_tf32 selects tf32 dots (10-bit mantissa inputs, ~1e-3 relative per dot on the GPU; the
+    interpreter computes them in float32), so only a loose tolerance holds."""
+    L = make_layer("LSTM", False, 2, torch.float32, LENGTHS)
+    out = fwd(K, "LSTM", L, True, variant=variant, allow_tf32=True)
+    ref = fwd(scan_torch, "LSTM", as64(L), True)
+    assert rel_err(out[0], ref[0]) < 1e-2
+    grads = grads_for("LSTM", *out[:3])
+    g = bwd(K, "LSTM", L, grads, out[3:], variant=variant, allow_tf32=True)
+    gref = bwd(scan_torch, "LSTM", as64(L), tuple(x.double() for x in grads), ref[3:])
+    assert rel_err(g[0], gref[0]) < 1e-2
+
+
 def test_persistent_launches_do_not_grow_with_T():
     """The persistent variant runs the time loop inside the kernel: T=4 and T=12 make the same number
     of launches, for the forward and for forward + backward."""
