@@ -37,15 +37,22 @@ def _describe(value):
 _CPU_AUTOCAST = {"LSTM", "RNN_TANH", "RNN_RELU", "RNNCell"}
 
 
-def _compute_dtype(x, weight_dtype, kind):
+def _autocast_on(x):
+    return x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+
+
+def _compute_dtype(x, hx, weight_dtype, kind):
     """dtype the module runs in: the autocast dtype for ops torch autocasts; under autocast, other
-    ops run in the input's dtype (as torch.nn's do); without autocast, the weights' dtype."""
+    ops run in the dtype of the given state, else of the input (as torch.nn's do); without
+    autocast, the weights' dtype."""
     device_type = x.device.type
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+    if _autocast_on(x):
         if device_type == "cuda" or kind in _CPU_AUTOCAST:
             return torch.get_autocast_dtype(device_type)
-        if x.is_floating_point():
-            return x.dtype
+        h0 = hx[0] if isinstance(hx, (tuple, list)) and hx else hx
+        for t in (h0, x):
+            if isinstance(t, Tensor) and t.is_floating_point():
+                return t.dtype
     return weight_dtype
 
 
@@ -97,9 +104,12 @@ def _check_layer_args(mode, input_size, hidden_size, num_layers, bias, batch_fir
     for name, value in (("bias", bias), ("batch_first", batch_first)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
-    for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
-                        ("num_layers", num_layers), ("proj_size", proj_size)):
-        if not isinstance(value, int) or isinstance(value, bool):
+    # As lenient as torch.nn: sizes must be int (bool included), layer and projection counts any
+    # integral number (numpy integers too).
+    for name, value, kind in (("input_size", input_size, int), ("hidden_size", hidden_size, int),
+                              ("num_layers", num_layers, numbers.Integral),
+                              ("proj_size", proj_size, numbers.Integral)):
+        if not isinstance(value, kind):
             raise TypeError(f"{name} should be of type int, got: {type(value).__name__} ({value!r})")
     for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
                         ("num_layers", num_layers)):
@@ -186,8 +196,8 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
             is_batched = input.dim() == 3
             if not is_batched:
                 x = x.unsqueeze(0 if self.batch_first else 1)
-        dtype = _compute_dtype(x, weight_dtype, self.mode)
-        _check_input_tensor(x, self.input_size, weight_dtype if dtype == weight_dtype else x.dtype)
+        dtype = _compute_dtype(x, hx, weight_dtype, self.mode)
+        _check_input_tensor(x, self.input_size, x.dtype if _autocast_on(x) else weight_dtype)
         x = x.to(dtype)
         if packed:
             # sorted_indices (enforce_sorted=False) gives B without reading batch_sizes' data,
@@ -329,8 +339,8 @@ class _FusedCell(_Backend):
         is_batched = input.dim() == 2
         x = input if is_batched else input.unsqueeze(0)
         weight_dtype = self.weight_ih.dtype
-        dtype = _compute_dtype(x, weight_dtype, name)
-        _check_input_tensor(x, self.input_size, weight_dtype if dtype == weight_dtype else x.dtype)
+        dtype = _compute_dtype(x, hx, weight_dtype, name)
+        _check_input_tensor(x, self.input_size, x.dtype if _autocast_on(x) else weight_dtype)
         x = x.to(dtype)
         B = x.shape[0]
         names = ["h_0", "c_0"] if is_lstm else ["h_0"]
