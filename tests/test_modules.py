@@ -216,25 +216,13 @@ def test_constructor_attributes_parameters_and_repr(name, args, kwargs):
     assert list(got.state_dict()) == list(ref.state_dict())
 
 
-_STRICT_INT = ("fusedrnn/modules.py _check_layer_args requires isinstance(value, int) and not "
-               "bool for {arg}; torch.nn.RNNBase does not check {arg}'s type and accepts {val} "
-               "(fusedrnn raises TypeError('{arg} should be of type int, got: ...'))")
 LENIENT_CTOR_CASES = [  # values torch.nn accepts though they are not plain int/float
-    pytest.param("GRU", (3, 4), dict(num_layers=np.int64(2)), id="num_layers=np.int64",
-                 marks=pytest.mark.xfail(strict=True, reason=_STRICT_INT.format(
-                     arg="num_layers", val="np.int64(2)"))),
-    pytest.param("LSTM", (3, 4), dict(proj_size=np.int64(2)), id="proj_size=np.int64(2)",
-                 marks=pytest.mark.xfail(strict=True, reason=_STRICT_INT.format(
-                     arg="proj_size", val="np.int64(2)"))),
-    pytest.param("LSTM", (3, 4), dict(proj_size=np.int64(0)), id="proj_size=np.int64(0)",
-                 marks=pytest.mark.xfail(strict=True, reason=_STRICT_INT.format(
-                     arg="proj_size", val="np.int64(0)"))),
+    pytest.param("GRU", (3, 4), dict(num_layers=np.int64(2)), id="num_layers=np.int64"),
+    pytest.param("LSTM", (3, 4), dict(proj_size=np.int64(2)), id="proj_size=np.int64(2)"),
+    pytest.param("LSTM", (3, 4), dict(proj_size=np.int64(0)), id="proj_size=np.int64(0)"),
     pytest.param("RNN", (3, 4), dict(num_layers=2, dropout=np.float64(0.5)),
                  id="dropout=np.float64"),
-    pytest.param("GRU", (3, True), {}, id="hidden_size=True",     # bool is an int: 1 unit
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "torch.nn.GRU(3, True) is a GRU with hidden_size True (== 1, bool is an int); "
-                     "fusedrnn raises TypeError('hidden_size should be of type int, got: bool')"))),
+    pytest.param("GRU", (3, True), {}, id="hidden_size=True"),    # bool is an int: 1 unit
 ]
 
 
@@ -652,17 +640,13 @@ _AC_PROJ_CN = ("LSTM(proj_size=3) under CPU bf16 autocast with float32 c_0 (give
 _AC_F32_STATES = ("{k} under CPU bf16 autocast, bfloat16 input with float32 h_0/c_0: torch.nn "
                   "returns every output in float32 (the float32 states promote); fusedrnn returns "
                   "bfloat16")
-_AC_BF16_STATES = ("{k} under CPU bf16 autocast, float32 input with bfloat16 h_0 (c_0): torch.nn "
-                   "runs and returns bfloat16; fusedrnn raises DtypeMismatchError('h_0 must have "
-                   "the same dtype as input (torch.float32), got torch.bfloat16')")
 _AUTOCAST_BUGS = {
     ("LSTM_proj", _F32, None): _AC_PROJ_CN,
     ("LSTM_proj", _F32, _F32): _AC_PROJ_CN,
     ("LSTM_proj", _BF16, _F32): ("LSTM(proj_size=3) under CPU bf16 autocast, bfloat16 input with "
                                  "float32 h_0/c_0: torch.nn returns c_n in float32 (output, h_n "
                                  "bf16); fusedrnn returns all three in bfloat16"),
-    **{(k, _BF16, _F32): _AC_F32_STATES.format(k=k) for k in ("LSTM", "GRU", "LSTMCell", "GRUCell")},
-    **{(k, _F32, _BF16): _AC_BF16_STATES.format(k=k) for k in ("GRU", "LSTMCell", "GRUCell")},
+    ("LSTM", _BF16, _F32): _AC_F32_STATES.format(k="LSTM"),
 }
 _AUTOCAST_CASES = [
     pytest.param(k, dt, hd, id=f"{k}-{str(dt)[6:]}-hx_{str(hd)[6:] if hd else None}",
