@@ -7,6 +7,7 @@ dispatch; the math lives in reference.py, scan_torch.py and the kernels.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import torch
@@ -39,6 +40,12 @@ _CPU_AUTOCAST = {"LSTM", "RNN_TANH", "RNN_RELU", "RNNCell"}
 
 def _autocast_on(x):
     return x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+
+
+def _no_autocast(x):
+    """Inputs are already cast: switch autocast off for the ops inside (only when it is on, since
+    entering an autocast context costs ~10 us)."""
+    return torch.autocast(x.device.type, enabled=False) if _autocast_on(x) else contextlib.nullcontext()
 
 
 def _compute_dtype(x, hx, weight_dtype, kind):
@@ -148,8 +155,10 @@ class _Backend:
 
     def _record(self, route, kernels=()):
         if not torch.compiler.is_compiling():
-            self.last_backend = route
-            self.last_kernels = list(kernels)
+            # Plain attributes: skip nn.Module.__setattr__'s bookkeeping (it costs ~15 us a call,
+            # which matters when the default CPU path must cost what torch.nn costs).
+            self.__dict__["last_backend"] = route
+            self.__dict__["last_kernels"] = list(kernels)
 
 
 class _FusedRNNBase(_Backend, nn.RNNBase):
@@ -198,7 +207,8 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
                 x = x.unsqueeze(0 if self.batch_first else 1)
         dtype = _compute_dtype(x, hx, weight_dtype, self.mode)
         _check_input_tensor(x, self.input_size, x.dtype if _autocast_on(x) else weight_dtype)
-        x = x.to(dtype)
+        if x.dtype != dtype:
+            x = x.to(dtype)
         if packed:
             # sorted_indices (enforce_sorted=False) gives B without reading batch_sizes' data,
             # which torch.compile could only trace as a data-dependent value.
@@ -235,7 +245,7 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
 
         route = self._route(x.device)
         flat = self._flat_weights if dtype == weight_dtype else [w.to(dtype) for w in self._flat_weights]
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x):
             if route == "torch":
                 out, *finals = self._run_torch(x, batch_sizes, states, flat)
                 kernels = ()
@@ -341,7 +351,8 @@ class _FusedCell(_Backend):
         weight_dtype = self.weight_ih.dtype
         dtype = _compute_dtype(x, hx, weight_dtype, name)
         _check_input_tensor(x, self.input_size, x.dtype if _autocast_on(x) else weight_dtype)
-        x = x.to(dtype)
+        if x.dtype != dtype:
+            x = x.to(dtype)
         B = x.shape[0]
         names = ["h_0", "c_0"] if is_lstm else ["h_0"]
         if hx is None:
@@ -365,7 +376,7 @@ class _FusedCell(_Backend):
         if dtype != weight_dtype:
             w = tuple(t if t is None else t.to(dtype) for t in w)
         kernels = []
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x):
             if route == "torch":
                 out = self._torch_cell(x, states, w)
             elif route == "reference" or B == 0:
