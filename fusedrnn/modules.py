@@ -299,6 +299,12 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
         return y, list(finals), kernels
 
 
+def _reject_proj_size(kwargs):
+    if "proj_size" in kwargs:
+        raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU, got "
+                         f"proj_size={kwargs['proj_size']!r}")
+
+
 class LSTM(_FusedRNNBase):
     """Drop-in torch.nn.LSTM (same arguments, parameters and behaviour) plus `backend`."""
 
@@ -310,9 +316,7 @@ class GRU(_FusedRNNBase):
     """Drop-in torch.nn.GRU (same arguments, parameters and behaviour) plus `backend`."""
 
     def __init__(self, *args, backend="auto", **kwargs):
-        if "proj_size" in kwargs:
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU, got "
-                             f"proj_size={kwargs['proj_size']!r}")
+        _reject_proj_size(kwargs)
         super().__init__("GRU", *args, backend=backend, **kwargs)
 
 
@@ -320,9 +324,7 @@ class RNN(_FusedRNNBase):
     """Drop-in torch.nn.RNN (tanh or relu) plus `backend`."""
 
     def __init__(self, *args, backend="auto", **kwargs):
-        if "proj_size" in kwargs:
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU, got "
-                             f"proj_size={kwargs['proj_size']!r}")
+        _reject_proj_size(kwargs)
         if len(args) > 3:
             self.nonlinearity = args[3]
             args = args[:3] + args[4:]
