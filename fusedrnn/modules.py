@@ -341,6 +341,14 @@ class _FusedCell(_Backend):
     _mode = None  # set per class or instance
     _name = None
 
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend="auto"):
+        check_choice(backend, BACKENDS, "backend")
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
+        self._init_backend(backend)
+
+    def forward(self, input, hx=None):
+        return self._forward_cell(input, hx)
+
     def _forward_cell(self, input, hx):
         name = self._name
         is_lstm = self._mode == "LSTM"
@@ -403,32 +411,16 @@ class LSTMCell(_FusedCell, nn.LSTMCell):
     """Drop-in torch.nn.LSTMCell plus `backend`."""
     _mode, _name = "LSTM", "LSTMCell"
 
-    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend="auto"):
-        check_choice(backend, BACKENDS, "backend")
-        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
-        self._init_backend(backend)
-
     def _torch_cell(self, x, states, w):
         return _VF.lstm_cell(x, tuple(states), *w)
-
-    def forward(self, input, hx=None):
-        return self._forward_cell(input, hx)
 
 
 class GRUCell(_FusedCell, nn.GRUCell):
     """Drop-in torch.nn.GRUCell plus `backend`."""
     _mode, _name = "GRU", "GRUCell"
 
-    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend="auto"):
-        check_choice(backend, BACKENDS, "backend")
-        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
-        self._init_backend(backend)
-
     def _torch_cell(self, x, states, w):
         return (_VF.gru_cell(x, states[0], *w),)
-
-    def forward(self, input, hx=None):
-        return self._forward_cell(input, hx)
 
 
 class RNNCell(_FusedCell, nn.RNNCell):
@@ -440,7 +432,8 @@ class RNNCell(_FusedCell, nn.RNNCell):
         check_choice(backend, BACKENDS, "backend")
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
-        super().__init__(input_size, hidden_size, bias, nonlinearity, device=device, dtype=dtype)
+        # nn.RNNCell's own signature (with nonlinearity), past _FusedCell.__init__
+        nn.RNNCell.__init__(self, input_size, hidden_size, bias, nonlinearity, device=device, dtype=dtype)
         self._init_backend(backend)
 
     @property
@@ -450,6 +443,3 @@ class RNNCell(_FusedCell, nn.RNNCell):
     def _torch_cell(self, x, states, w):
         fn = _VF.rnn_tanh_cell if self.nonlinearity == "tanh" else _VF.rnn_relu_cell
         return (fn(x, states[0], *w),)
-
-    def forward(self, input, hx=None):
-        return self._forward_cell(input, hx)

@@ -28,6 +28,17 @@ def row_time(s, T, offs_b, mask_b, p_len, REVERSE, HAS_LEN: tl.constexpr):
 
 
 @triton.jit
+def unit_tile(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's hidden units (program axis 2) and batch rows (axis 1), with their masks."""
+    offs_j = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_j = offs_j < H
+    mask_b = offs_b < B
+    return offs_j, offs_b, offs_k, mask_j, mask_b, mask_j[:, None] & mask_b[None, :]
+
+
+@triton.jit
 def bwd_dh_carry(
     s, pid_d, offs_u, mask_u, offs_b, mask_b, T, B, H, P, D, G: tl.constexpr,
     p_dhn, p_whh, p_dghbuf, p_carry, w0, w1, w2, w3,

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import bwd_dh_carry, row_time, step_barrier
+from .common import bwd_dh_carry, row_time, step_barrier, unit_tile
 from .gru import gru_bwd, gru_fwd
 from .lstm import (lstm_bwd, lstm_fwd, lstm_proj_bwd_kernel, lstm_proj_bwd_step, lstm_proj_fwd_kernel,
                    lstm_proj_fwd_step)
@@ -54,12 +54,7 @@ def scan_fwd_kernel(
     pid_h = tl.program_id(2)
     GH = G * H
     W = 4 * H if G > 1 else H
-    offs_j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_j = offs_j < H
-    mask_b = offs_b < B
-    mask_jb = mask_j[:, None] & mask_b[None, :]
+    offs_j, offs_b, offs_k, mask_j, mask_b, mask_jb = unit_tile(B, H, BLOCK_B, BLOCK_H, BLOCK_K)
     p_w = p_whh + pid_d * GH * P
     o_w = offs_j[:, None] * P + offs_k[None, :]
     if PERSISTENT:
@@ -224,12 +219,7 @@ def scan_bwd_kernel(
     pid_h = tl.program_id(2)
     GH = G * H
     W = 4 * H if G > 1 else H
-    offs_j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_j = offs_j < H
-    mask_b = offs_b < B
-    mask_jb = mask_j[:, None] & mask_b[None, :]
+    offs_j, offs_b, offs_k, mask_j, mask_b, mask_jb = unit_tile(B, H, BLOCK_B, BLOCK_H, BLOCK_K)
     o_own = offs_b[None, :] * P + offs_j[:, None]
     o_c = offs_b[None, :] * H + offs_j[:, None]
     HOIST: tl.constexpr = PERSISTENT and not HAS_PROJ
