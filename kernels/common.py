@@ -12,6 +12,43 @@ import triton.language as tl
 
 
 @triton.jit
+def wload(p, mask, CDT: tl.constexpr, PREC: tl.constexpr):
+    """A weight tile: kept in its storage dtype (float16 / bfloat16) for the split dot, otherwise
+    converted to the compute dtype."""
+    b_w = tl.load(p, mask=mask, other=0.0)
+    if PREC != "x2" and PREC != "x2emu":
+        b_w = b_w.to(CDT)
+    return b_w
+
+
+@triton.jit
+def mdot(b_w, b_x, acc, PREC: tl.constexpr):
+    """acc + b_w @ b_x in the accumulator's dtype. b_w: a weight tile (M side, from wload), b_x: a
+    float32 / float64 state or gradient tile.
+
+    PREC "ieee" / "tf32": one dot at that precision. "x2" (float16 / bfloat16 weights): b_x is split
+    into a high and a low half-precision part, x = hi + lo to ~2^-16 relative, and both products go
+    through the tensor cores against the exact half-precision weights into a float32 accumulator.
+    Rounding the state to half precision for a single dot would add a half-precision-sized error
+    at every step; two dots keep the recurrence close to float32 accuracy. "x2emu" (the
+    interpreter, whose bfloat16 dot is wrong): the same two products with the operands upcast to
+    float32 first; each product of two half-precision values is exact in float32 either way."""
+    if PREC == "x2" or PREC == "x2emu":
+        x_hi = b_x.to(b_w.dtype)
+        x_lo = (b_x - x_hi.to(b_x.dtype)).to(b_w.dtype)
+        if PREC == "x2emu":
+            b_w32 = b_w.to(acc.dtype)
+            acc = tl.dot(b_w32, x_hi.to(acc.dtype), acc, input_precision="ieee", out_dtype=acc.dtype)
+            acc = tl.dot(b_w32, x_lo.to(acc.dtype), acc, input_precision="ieee", out_dtype=acc.dtype)
+        else:
+            acc = tl.dot(b_w, x_hi, acc, out_dtype=acc.dtype)
+            acc = tl.dot(b_w, x_lo, acc, out_dtype=acc.dtype)
+    else:
+        acc = tl.dot(b_w, b_x, acc, input_precision=PREC, out_dtype=acc.dtype)
+    return acc
+
+
+@triton.jit
 def row_time(s, T, offs_b, mask_b, p_len, REVERSE, HAS_LEN: tl.constexpr):
     """Each row's time index at step s. The reverse direction walks each sequence backwards within
     its own length; a dead row (s >= length) points at the padded position t = s, so every (t, b)
@@ -76,11 +113,11 @@ def bwd_dh_carry(
                     else:
                         b_w = w3
                 else:
-                    b_w = tl.load(p_w + (g * H + kk)[None, :] * P + offs_u[:, None],
-                                  mask=mask_u[:, None] & mask_k[None, :], other=0.0).to(CDT)
+                    b_w = wload(p_w + (g * H + kk)[None, :] * P + offs_u[:, None],
+                                mask_u[:, None] & mask_k[None, :], CDT, PREC)
                 b_g = tl.load(p_g + offs_b[None, :] * GH + g * H + kk[:, None],
                               mask=mask_k[:, None] & mask_b[None, :], other=0.0, cache_modifier=CACHE)
-                dh = tl.dot(b_w, b_g, dh, input_precision=PREC, out_dtype=CDT)
+                dh = mdot(b_w, b_g, dh, PREC)
     return dh
 
 

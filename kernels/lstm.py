@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .activations import sigmoid, tanh
-from .common import bwd_dh_carry, row_time
+from .common import bwd_dh_carry, mdot, row_time, wload
 
 
 @triton.jit
@@ -61,11 +61,10 @@ def lstm_proj_fwd_step(
     for k0 in range(0, H, BLOCK_K):
         kk = k0 + offs_k
         mask_k = kk < H
-        b_w = tl.load(p_w + offs_p[:, None] * H + kk[None, :], mask=mask_p[:, None] & mask_k[None, :],
-                      other=0.0).to(CDT)
+        b_w = wload(p_w + offs_p[:, None] * H + kk[None, :], mask_p[:, None] & mask_k[None, :], CDT, PREC)
         b_r = tl.load(p_r + offs_b[None, :] * H + kk[:, None], mask=mask_k[:, None] & mask_b[None, :],
                       other=0.0, cache_modifier=CACHE)
-        acc = tl.dot(b_w, b_r, acc, input_precision=PREC, out_dtype=CDT)
+        acc = mdot(b_w, b_r, acc, PREC)
 
     o_state = offs_b[None, :] * P + offs_p[:, None]
     if s == 0:

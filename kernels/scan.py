@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import bwd_dh_carry, row_time, step_barrier, unit_tile
+from .common import bwd_dh_carry, mdot, row_time, step_barrier, unit_tile, wload
 from .gru import gru_bwd, gru_fwd
 from .lstm import (lstm_bwd, lstm_fwd, lstm_proj_bwd_kernel, lstm_proj_bwd_step, lstm_proj_fwd_kernel,
                    lstm_proj_fwd_step)
@@ -61,12 +61,12 @@ def scan_fwd_kernel(
         # The whole K = P fits one chunk (persistent_plan guarantees BLOCK_K >= P): this program's
         # weights stay in registers for the whole sequence.
         mask_w = mask_j[:, None] & (offs_k[None, :] < P)
-        w_0 = tl.load(p_w + o_w, mask=mask_w, other=0.0).to(CDT)
+        w_0 = wload(p_w + o_w, mask_w, CDT, PREC)
         if G > 1:
-            w_1 = tl.load(p_w + H * P + o_w, mask=mask_w, other=0.0).to(CDT)
-            w_2 = tl.load(p_w + 2 * H * P + o_w, mask=mask_w, other=0.0).to(CDT)
+            w_1 = wload(p_w + H * P + o_w, mask_w, CDT, PREC)
+            w_2 = wload(p_w + 2 * H * P + o_w, mask_w, CDT, PREC)
         if G > 3:
-            w_3 = tl.load(p_w + 3 * H * P + o_w, mask=mask_w, other=0.0).to(CDT)
+            w_3 = wload(p_w + 3 * H * P + o_w, mask_w, CDT, PREC)
     if HAS_BIAS:
         p_bias = p_bhh + pid_d * GH + offs_j
         bias_0 = tl.load(p_bias, mask=mask_j, other=0.0).to(CDT)
@@ -109,23 +109,23 @@ def scan_fwd_kernel(
                 b_w0 = w_0
             else:
                 mask_w = mask_j[:, None] & mask_k[None, :]
-                b_w0 = tl.load(p_w + o_w + k0, mask=mask_w, other=0.0).to(CDT)
-            acc_0 = tl.dot(b_w0, b_h, acc_0, input_precision=PREC, out_dtype=CDT)
+                b_w0 = wload(p_w + o_w + k0, mask_w, CDT, PREC)
+            acc_0 = mdot(b_w0, b_h, acc_0, PREC)
             if G > 1:
                 if PERSISTENT:
                     b_w1 = w_1
                     b_w2 = w_2
                 else:
-                    b_w1 = tl.load(p_w + H * P + o_w + k0, mask=mask_w, other=0.0).to(CDT)
-                    b_w2 = tl.load(p_w + 2 * H * P + o_w + k0, mask=mask_w, other=0.0).to(CDT)
-                acc_1 = tl.dot(b_w1, b_h, acc_1, input_precision=PREC, out_dtype=CDT)
-                acc_2 = tl.dot(b_w2, b_h, acc_2, input_precision=PREC, out_dtype=CDT)
+                    b_w1 = wload(p_w + H * P + o_w + k0, mask_w, CDT, PREC)
+                    b_w2 = wload(p_w + 2 * H * P + o_w + k0, mask_w, CDT, PREC)
+                acc_1 = mdot(b_w1, b_h, acc_1, PREC)
+                acc_2 = mdot(b_w2, b_h, acc_2, PREC)
             if G > 3:
                 if PERSISTENT:
                     b_w3 = w_3
                 else:
-                    b_w3 = tl.load(p_w + 3 * H * P + o_w + k0, mask=mask_w, other=0.0).to(CDT)
-                acc_3 = tl.dot(b_w3, b_h, acc_3, input_precision=PREC, out_dtype=CDT)
+                    b_w3 = wload(p_w + 3 * H * P + o_w + k0, mask_w, CDT, PREC)
+                acc_3 = mdot(b_w3, b_h, acc_3, PREC)
         if HAS_BIAS:
             acc_0 += bias_0[:, None]
             if G > 1:
@@ -229,15 +229,15 @@ def scan_bwd_kernel(
         p_w = p_whh + pid_d * GH * P
         o_w = offs_k[None, :] * P + offs_j[:, None]
         mask_w = mask_j[:, None] & (offs_k[None, :] < H)
-        w_0 = tl.load(p_w + o_w, mask=mask_w, other=0.0).to(CDT)
+        w_0 = wload(p_w + o_w, mask_w, CDT, PREC)
         w_1 = w_0
         w_2 = w_0
         w_3 = w_0
         if G > 1:
-            w_1 = tl.load(p_w + H * P + o_w, mask=mask_w, other=0.0).to(CDT)
-            w_2 = tl.load(p_w + 2 * H * P + o_w, mask=mask_w, other=0.0).to(CDT)
+            w_1 = wload(p_w + H * P + o_w, mask_w, CDT, PREC)
+            w_2 = wload(p_w + 2 * H * P + o_w, mask_w, CDT, PREC)
         if G > 3:
-            w_3 = tl.load(p_w + 3 * H * P + o_w, mask=mask_w, other=0.0).to(CDT)
+            w_3 = wload(p_w + 3 * H * P + o_w, mask_w, CDT, PREC)
     else:
         # placeholders: bwd_dh_carry takes the four tiles either way and ignores them unless HOIST
         w_0 = p_whh
@@ -269,11 +269,11 @@ def scan_bwd_kernel(
                 for k0 in range(0, P, BLOCK_K):
                     kk = k0 + offs_k
                     mask_k = kk < P
-                    b_r = tl.load(p_r + kk[None, :] * H + offs_j[:, None],
-                                  mask=mask_j[:, None] & mask_k[None, :], other=0.0).to(CDT)
+                    b_r = wload(p_r + kk[None, :] * H + offs_j[:, None], mask_j[:, None] & mask_k[None, :],
+                                CDT, PREC)
                     b_d = tl.load(p_dt + offs_b[None, :] * P + kk[:, None],
                                   mask=mask_k[:, None] & mask_b[None, :], other=0.0, cache_modifier=CACHE)
-                    dh = tl.dot(b_r, b_d, dh, input_precision=PREC, out_dtype=CDT)
+                    dh = mdot(b_r, b_d, dh, PREC)
             else:
                 dh = bwd_dh_carry(s, pid_d, offs_j, mask_j, offs_b, mask_b, T, B, H, P, D, G,
                                   p_dhn, p_whh, p_dghbuf, p_carry, w_0, w_1, w_2, w_3,
@@ -548,8 +548,13 @@ def _check_common(mode, variant, name, x, ndim):
     _check_device(name, x)
 
 
-def _precision(dtype, allow_tf32):
-    return "tf32" if allow_tf32 and dtype != torch.float64 else "ieee"
+def _precision(dtype, allow_tf32, device):
+    """The PREC of the dots (kernels/common.py: mdot): half-precision weights take the two-pass
+    tensor-core dot ("x2emu" under the interpreter, whose bfloat16 dot is wrong); float32 follows
+    allow_tf32; float64 is always exact."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return "x2emu" if dtype == torch.bfloat16 and device.type == "cpu" else "x2"
+    return "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
 
 
 def _device_limits(device):
@@ -620,7 +625,7 @@ def forward_launches(mode, xg, w_hh, b_hh, w_hr, h0, c0, lengths, save, variant,
     # arrive counter per direction, then the error flag; counters must start at zero.
     sync = torch.zeros(D + 1, dtype=torch.int32, device=dev) if persistent else hst
     cfg = plan if persistent else step_config(mode, B, H, P, dt)
-    prec = _precision(dt, allow_tf32)
+    prec = _precision(dt, allow_tf32, dev)
     ptrs = (xg, w_hh, b_hh if b_hh is not None else xg, h0, c0 if mode == "LSTM" else h0,
             lengths if lengths is not None else xg, hst, cst, hraw, w_hr if w_hr is not None else xg,
             y, hn, cn if mode == "LSTM" else hn, hp if save else hst, gates if save else hst,
@@ -695,7 +700,7 @@ def backward_launches(mode, dy, dhn, dcn, w_hh, w_hr, lengths, hp, gates, cs, va
     plan = _plan_for(mode, D, B, H, P, dt, dev) if persistent else None
     sync = torch.zeros(D + 1, dtype=torch.int32, device=dev) if persistent else carry
     cfg = plan if persistent else step_config(mode, B, H, P, dt)
-    prec = _precision(dt, allow_tf32)
+    prec = _precision(dt, allow_tf32, dev)
     len_ptr = lengths if lengths is not None else dy
     ptrs = (dy, dhn, dcn if mode == "LSTM" else dhn, w_hh, w_hr if w_hr is not None else w_hh, len_ptr,
             hp, gates, cs if mode == "LSTM" else hp, dghbuf, carry, dcst, dhtot,
