@@ -8,17 +8,22 @@
 #      (without pytest: fusedrnn verify --shape 128,32,200,257 --dtype fp32,bf16 instead)
 #   2. fusedrnn verify --device cuda (the full grid; fp32, bf16, fp64, fp16 in that order, new
 #      cases stop after 75 s and the rest are listed as not run)              timeout 100 s
-#   3. the standard sweep vs cuDNN: lstm, B in {1,8,16,64,256} x H in {128,256,512,1024},
+#   3. one empty grid barrier: fusedrnn bench --barrier (kernels/barrier.py at every SM, at 2
+#      programs, and the CTA-only barrier of single-program plans; us per barrier and per
+#      launch)                                                                timeout  20 s
+#   4. the standard sweep vs cuDNN: lstm, B in {1,8,16,64,256} x H in {128,256,512,1024},
 #      T=1024, fwd+bwd and inference, bf16 and fp32 (do_bench with a short rep; points left when
-#      the 130 s budget runs out are recorded as skipped)                     timeout 160 s
-#   4. bf16 T=512 B=64 H=512 one layer fwd+bwd: lstm, gru, rnn_tanh vs cuDNN  timeout  40 s
+#      the 110 s budget runs out are recorded as skipped); its barrier floor uses stage 3's
+#      measurement when there is one                                          timeout 140 s
+#   5. bf16 T=512 B=64 H=512 one layer fwd+bwd: lstm, gru, rnn_tanh vs cuDNN  timeout  40 s
 # Results (default bench/results/<gpu>-<date>/): env.txt, pytest.log, verify.txt, verify.json,
-# sweep.{json,md,png}, extra.{json,md,png}, summary.md. Each stage runs under `timeout`, so one
-# hang cannot eat the budget; a failed stage does not stop the others.
+# barrier.{json,md}, sweep.{json,md,png}, extra.{json,md,png}, summary.md. Each stage runs under
+# `timeout`, so one hang cannot eat the budget; a failed stage does not stop the others.
 # Needs no network and no pip: runs from this checkout (PYTHONPATH). matplotlib/tqdm optional.
 #
 # Without CUDA it rehearses: the GPU stages are skipped with a message, the CPU versions run
-# (verify --quick and bench --quick through the Triton interpreter), outputs are written, exit 0.
+# (verify --quick and bench --quick through the Triton interpreter; bench --barrier says it needs
+# CUDA and runs its kernel once in the interpreter), outputs are written, exit 0.
 # With CUDA the exit status is 1 if any stage failed or timed out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -102,10 +107,16 @@ if [ $CUDA -eq 1 ]; then
     fi
     stage "verify cuda" 100 "$OUT/verify.txt" \
         "$PY" -m fusedrnn verify --device cuda --budget 75 --json "$OUT/verify.json"
-    stage "sweep vs cudnn" 160 "$OUT/sweep.log" \
+    stage "grid barrier" 20 "$OUT/barrier.log" \
+        "$PY" -m fusedrnn bench --barrier --device cuda --rep 50 \
+        --out "$OUT/barrier.json" --md "$OUT/barrier.md"
+    BARRIER_US=()  # the measured barrier for the sweep's floors (a JSON without one: the estimate)
+    [ -s "$OUT/barrier.json" ] && BARRIER_US=(--barrier-us "$OUT/barrier.json")
+    stage "sweep vs cudnn" 140 "$OUT/sweep.log" \
         "$PY" -m fusedrnn bench --device cuda --cell lstm --batch 1,8,16,64,256 \
         --hidden 128,256,512,1024 --seq 1024 --mode fwdbwd,inference --dtype bf16,fp32 \
-        --providers fusedrnn,cudnn --rep 30 --budget 130 --no-progress \
+        --providers fusedrnn,cudnn --rep 30 --budget 110 --no-progress \
+        ${BARRIER_US[@]+"${BARRIER_US[@]}"} \
         --out "$OUT/sweep.json" --md "$OUT/sweep.md" --plot "$OUT/sweep.png"
     stage "bf16 T512 B64 H512" 40 "$OUT/extra.log" \
         "$PY" -m fusedrnn bench --device cuda --cell lstm,gru,rnn_tanh --batch 64 --hidden 512 \
@@ -115,12 +126,15 @@ else
     echo "no CUDA device: skipping the GPU stages; rehearsing the CPU versions (Triton interpreter)"
     skip "gpu tests" "no CUDA"
     skip "verify cuda" "no CUDA"
+    skip "grid barrier" "no CUDA"
     skip "sweep vs cudnn" "no CUDA"
     skip "bf16 T512 B64 H512" "no CUDA"
     stage "gpu tests (collect, all skip)" 60 "$OUT/pytest.log" \
         "$PY" -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider
     stage "verify cpu --quick" 150 "$OUT/verify.txt" \
         "$PY" -m fusedrnn verify --quick --device cpu --json "$OUT/verify.json"
+    stage "barrier cpu (says it needs CUDA)" 60 "$OUT/barrier.log" \
+        "$PY" -m fusedrnn bench --barrier --device cpu --out "$OUT/barrier.json" --md "$OUT/barrier.md"
     stage "bench cpu --quick" 150 "$OUT/sweep.log" \
         "$PY" -m fusedrnn bench --quick --device cpu --no-progress --rep 200 \
         --out "$OUT/sweep.json" --md "$OUT/sweep.md" --plot "$OUT/sweep.png"
@@ -157,7 +171,7 @@ fi
         grep -E "FAIL|ERROR|PASSED|FAILED|INCOMPLETE" "$OUT/verify.txt" | tail -n 40
         echo '```'
     fi
-    for f in sweep extra; do
+    for f in barrier sweep extra; do
         if [ -f "$OUT/$f.md" ]; then
             echo
             sed 's/^# /## /' "$OUT/$f.md"

@@ -8,7 +8,8 @@ resource usage from the cuobjdump inside the Triton wheel (triton/backends/nvidi
 as STACK (the per-thread stack frame in local memory; these kernels have no stack arrays, so any
 STACK is spilled registers) or LOCAL. "shared" is Triton's dynamic shared memory (cuobjdump only
 sees the 1 KiB static part). "dot" says which instruction the tl.dot
-calls became: wgmma (Hopper warpgroup MMA), mma (mma.sync tensor cores) or fma (CUDA cores).
+calls became: wgmma (Hopper warpgroup MMA), mma (mma.sync tensor cores) or fma (CUDA cores); "-"
+for the barrier-only kernel (kernels/barrier.py, dtype "i32"), which has none.
 """
 import argparse
 import os
@@ -48,7 +49,7 @@ def main(argv=None):
             print(f"| {r['kernel']} | {r['label']} | FAILED: {r['error'][:120]} | | | |")
             continue
         u = r.get("usage") or {}
-        dot = " ".join(r["mma_ops"]) if r["mma_ops"] else "fma"
+        dot = " ".join(r["mma_ops"]) if r["mma_ops"] else "-" if r["label"].startswith("BARRIER") else "fma"
         spill = (u.get("stack") or 0) + (u.get("local") or 0)
         print(f"| {r['kernel']} | {r['label']} | {u.get('reg')} | {r['shared_triton']} | {spill} | {dot} |")
     spills = [r for r in results if r["ok"] and ((r.get("usage") or {}).get("stack") or (r.get("usage") or {}).get("local"))]

@@ -18,6 +18,9 @@ Reported per record: ms, tokens/s (T·B per second), achieved TFLOP/s (roofline.
 (GPU: torch.cuda.max_memory_allocated after a reset, for one call), time ratio to the baseline
 (cudnn on GPU, torch-cpu on CPU; < 1 is faster), and the roofline floors (see fusedrnn/roofline.py)
 with efficiency = floor / measured.
+
+`fusedrnn bench --barrier` (CUDA) times the empty grid barrier instead (kernels/barrier.py; see
+measure_barrier); its JSON can feed the floors (`--barrier-us FILE`) in place of the estimate.
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ import subprocess
 import sys
 import time
 
-from .roofline import MODES, Problem, floors, format_roofline, gpu_spec, markdown_table, text_table
+from .roofline import (MODES, Problem, floors, format_roofline, gpu_spec, load_barrier_us, markdown_table,
+                       text_table, with_barrier)
 from .roofline import flops as count_flops
 
 PROVIDERS = ("fusedrnn", "fusedrnn-auto", "cudnn", "reference", "torch-cpu", "compile")
@@ -432,9 +436,15 @@ def markdown(records, env, title="fusedrnn bench"):
              f"{env['timestamp']}",
              "- ms: median (p20-p80); x base: time / baseline time (cudnn on GPU, torch-cpu on "
              "CPU), < 1 is faster; floor: max(compute, memory, grid-barrier) lower bound "
-             "(fusedrnn/roofline.py), eff = floor / ms", ""]
+             "(fusedrnn/roofline.py), eff = floor / ms" + _barrier_note(env), ""]
     lines.append(markdown_table(HEADER, table_rows(records)))
     return "\n".join(lines) + "\n"
+
+
+def _barrier_note(env):
+    if env.get("barrier_us") is None:
+        return ""
+    return f"; grid barrier {env['barrier_us']:.3g} us ({env.get('barrier_source')})"
 
 
 def plot(records, path):
@@ -495,7 +505,28 @@ def plot(records, path):
     return None
 
 
+def _barrier_arg(args):
+    """(barrier_us or None, error message or None) from --barrier-us."""
+    text = getattr(args, "barrier_us", None)
+    if text is None:
+        return None, None
+    try:
+        us = load_barrier_us(text)
+    except ValueError as exc:
+        return None, str(exc)
+    if us is None:
+        print(f"fusedrnn bench: warning: {text} holds no measured barrier (measured without CUDA?): "
+              "the floors use the estimate", file=sys.stderr)
+    return us, None
+
+
 def cmd_bench(args, device):
+    if getattr(args, "barrier", False):
+        return cmd_barrier(args, device)
+    barrier_us, err = _barrier_arg(args)
+    if err:
+        print(f"fusedrnn bench: {err}", file=sys.stderr)
+        return 2
     problems = sweep_problems(args, device)
     if args.roofline:
         if gpu_spec(args.roofline) is None:
@@ -503,7 +534,7 @@ def cmd_bench(args, device):
             print(f"fusedrnn bench: unknown GPU {args.roofline!r} for --roofline; known: "
                   f"{', '.join(GPUS)}", file=sys.stderr)
             return 2
-        print(format_roofline(problems, args.roofline))
+        print(format_roofline(problems, args.roofline, barrier_us))
         return 0
     providers = args.providers or default_providers(device, args.quick)
     if args.threads:
@@ -518,7 +549,10 @@ def cmd_bench(args, device):
             return 2
     elif device == "cuda":
         spec = gpu_spec(env.get("device_name"))
+    spec = with_barrier(spec, barrier_us)
     env["floors_gpu"] = spec["name"] if spec else None
+    env["barrier_us"] = spec["barrier_us"] if spec else None
+    env["barrier_source"] = spec.get("barrier_source", "estimate") if spec else None
     if env.get("loadavg") and env["loadavg"] > (os.cpu_count() or 1) and device == "cpu":
         print(f"fusedrnn bench: warning: load average {env['loadavg']:.1f} > {os.cpu_count()} "
               f"cpus: CPU timings with {env['torch_threads']} torch threads will be erratic "
@@ -553,9 +587,158 @@ def cmd_bench(args, device):
     return 0
 
 
+# ----------------------------------------------------------------------------------------------
+# the empty grid barrier (kernels/barrier.py): `fusedrnn bench --barrier`
+
+BARRIER_STEPS = 1024
+BARRIER_HEADER = ("programs", "D", "grid sync", "t(N) ms", "t(1) ms", "us / barrier", "launch us",
+                  "what", "note")
+
+
+def barrier_configs(num_sms):
+    """(programs, directions, grid_sync, what) timed by measure_barrier; the first one's cost is
+    the headline barrier_us (a grid barrier across every SM: "one empty grid barrier")."""
+    out = [(num_sms, 1, True, "grid barrier, one program per SM"),
+           (2, 1, True, "grid barrier, 2 programs"),
+           (2, 2, False, "CTA barrier only (single-program plans, D=2)")]
+    seen, res = set(), []
+    for c in out:
+        if c[0] <= num_sms and c[:3] not in seen:
+            seen.add(c[:3])
+            res.append(c)
+    return res
+
+
+def time_barrier(programs, directions, grid_sync, steps, rep_ms):
+    """[median, p20, p80] ms of one grid_barrier launch with `steps` barriers (CUDA events via
+    do_bench). Each timed call allocates and zeroes its counters and launches, as the persistent
+    launchers do, but reads no flag (no host sync); the flags and counters of every timed call are
+    checked afterwards."""
+    import torch
+    from triton.testing import do_bench
+
+    from .kernels import grid_barrier
+
+    for _ in range(2):  # compilation; a barrier that times out raises here, before any timing
+        grid_barrier(programs, steps, "cuda", directions=directions, grid_sync=grid_sync)
+    syncs = []
+
+    def fn():
+        syncs.append(grid_barrier(programs, steps, "cuda", directions=directions, grid_sync=grid_sync,
+                                  check=False))
+
+    q = do_bench(fn, warmup=max(1, int(rep_ms // 4)), rep=max(1, int(rep_ms)), quantiles=[0.5, 0.2, 0.8])
+    got = torch.stack(syncs).cpu()
+    want = programs // directions * steps if grid_sync else 0
+    if bool((got[:, directions] != 0).any()):
+        raise RuntimeError("grid barrier timed out during timing (programs not co-resident?)")
+    if bool((got[:, :directions] != want).any()):
+        raise RuntimeError(f"arrive counters {got[0, :directions].tolist()} != {want} after a launch")
+    return [float(v) for v in q]
+
+
+def measure_barrier(num_sms, steps=BARRIER_STEPS, rep_ms=50):
+    """Time the empty barrier on CUDA for each of barrier_configs(num_sms): t(steps) and t(1), one
+    launch each; per barrier = (t(steps) - t(1)) / (steps - 1) (medians), launch = t(1), which
+    includes allocating and zeroing the counters. Returns (records, barrier_us of the first)."""
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2 (the cost is a difference to one barrier), got {steps}")
+    records = []
+    for programs, directions, grid_sync, what in barrier_configs(num_sms):
+        r = {"programs": programs, "directions": directions, "grid_sync": grid_sync, "what": what,
+             "steps": steps, "status": "ok", "note": None, "t_steps_ms": None, "t1_ms": None,
+             "barrier_us": None, "launch_us": None}
+        try:
+            r["t_steps_ms"] = time_barrier(programs, directions, grid_sync, steps, rep_ms)
+            r["t1_ms"] = time_barrier(programs, directions, grid_sync, 1, rep_ms)
+            r["barrier_us"] = (r["t_steps_ms"][0] - r["t1_ms"][0]) / (steps - 1) * 1e3
+            r["launch_us"] = r["t1_ms"][0] * 1e3
+        except Exception as exc:  # noqa: BLE001 - recorded; the other configurations still run
+            r["status"], r["note"] = "error", f"{type(exc).__name__}: {exc}"[:300]
+        records.append(r)
+    return records, records[0]["barrier_us"] if records else None
+
+
+def barrier_rows(records):
+    rows = []
+    for r in records:
+        t = r["t_steps_ms"]
+        rows.append((r["programs"], r["directions"], "yes" if r["grid_sync"] else "no",
+                     "-" if t is None else f"{t[0]:.4f}", _g(r["t1_ms"] and r["t1_ms"][0], ".4f"),
+                     _g(r["barrier_us"], ".3f"), _g(r["launch_us"], ".2f"), r["what"],
+                     ("ERROR " + r["note"]) if r["status"] == "error" else (r["note"] or "")))
+    return rows
+
+
+def barrier_markdown(result):
+    env = result["environment"]
+    lines = ["# fusedrnn bench --barrier: one empty grid barrier", "",
+             f"- device: {env.get('device_name')} ({env['device']}), torch {env['torch']}, "
+             f"triton {env.get('triton')}, CUDA {env.get('cuda')}",
+             f"- git {env.get('git_commit')}{' (dirty)' if env.get('git_dirty') else ''}, "
+             f"{env['timestamp']}"]
+    if result["note"]:
+        lines.append(f"- {result['note']}")
+    if result["records"]:
+        n = result["steps"]
+        lines += [f"- grid_barrier_kernel (kernels/barrier.py: the persistent kernels' step_barrier and "
+                  f"nothing else), one launch with N = {n} barriers and one with 1 (do_bench medians, "
+                  f"p20-p80 in the JSON): us / barrier = (t(N) - t(1)) / (N - 1); launch us = t(1), "
+                  f"allocating + zeroing the counters + one launch",
+                  f"- barrier_us = {_g(result['barrier_us'], '.3f')} (first row), the roofline's "
+                  f"barrier floor with `--barrier-us barrier.json`", "",
+                  markdown_table(BARRIER_HEADER, barrier_rows(result["records"]))]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_barrier(args, device):
+    """`fusedrnn bench --barrier`: measure_barrier on CUDA; without CUDA a clear message, one
+    interpreter run of the kernel (1 program) as a check, and outputs saying nothing was measured."""
+    env = environment(device)
+    result = {"environment": env, "steps": None, "barrier_us": None, "barrier_source": None,
+              "records": [], "note": None}
+    rc = 0
+    if device != "cuda":
+        note = ("not measured: timing the grid barrier needs CUDA (the Triton interpreter runs "
+                "programs one after another, so there is no grid barrier to time on CPU)")
+        print(f"fusedrnn bench --barrier: {note}")
+        try:
+            from .kernels import grid_barrier
+            sync = grid_barrier(1, 5, "cpu")
+            check = "ok" if sync.tolist() == [5, 0] else f"FAILED (counters {sync.tolist()}, want [5, 0])"
+        except Exception as exc:  # noqa: BLE001
+            check = f"FAILED ({type(exc).__name__}: {exc})"[:300]
+        rc = 0 if check == "ok" else 1
+        result["note"] = f"{note}; interpreter check of the kernel (1 program, 5 barriers): {check}"
+        print(f"interpreter check of grid_barrier_kernel (1 program, 5 barriers): {check}")
+    else:
+        import torch
+        num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        print(f"fusedrnn bench --barrier on {env['device_name']} ({num_sms} SMs)", flush=True)
+        t0 = time.perf_counter()
+        records, us = measure_barrier(num_sms, BARRIER_STEPS, args.rep or 50)
+        env["seconds"] = time.perf_counter() - t0
+        result.update(steps=BARRIER_STEPS, records=records, barrier_us=us,
+                      barrier_source="measured" if us is not None else None)
+        print(text_table(BARRIER_HEADER, barrier_rows(records), left=(7, 8)))
+        print(f"barrier_us = {_g(us, '.3f')} (grid barrier across {num_sms} programs)")
+        rc = 0 if all(r["status"] == "ok" for r in records) else 1
+    if args.out:
+        _mkdir(args.out)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.out}")
+    if args.md:
+        _mkdir(args.md)
+        with open(args.md, "w") as f:
+            f.write(barrier_markdown(result))
+        print(f"wrote {args.md}")
+    return rc
+
+
 def _mkdir(path):
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
 
 
-__all__ = ["run_sweep", "sweep_problems", "cmd_bench", "MODES", "PROVIDERS"]
+__all__ = ["run_sweep", "sweep_problems", "cmd_bench", "measure_barrier", "MODES", "PROVIDERS"]

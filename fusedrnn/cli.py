@@ -5,6 +5,9 @@
                     [--mode fwdbwd,inference] [--dtype bf16] [--providers fusedrnn,cudnn]
                     [--out results.json] [--plot results.png] [--md results.md]
     fusedrnn bench --roofline H200 [shape flags]    print the floors only; runs nothing
+    fusedrnn bench --barrier [--out barrier.json] [--md barrier.md]
+                    time one empty grid barrier (CUDA; kernels/barrier.py)
+    --barrier-us US|barrier.json   a measured barrier cost for the floors (--roofline or a sweep)
 
 Without CUDA (or with --device cpu) the Triton kernels run through the Triton interpreter, which
 must be switched on before the kernels are imported: main() sets TRITON_INTERPRET=1 first thing,
@@ -112,6 +115,12 @@ def build_parser():
     b.add_argument("--md", metavar="FILE.md", help="write the result table as markdown")
     b.add_argument("--roofline", metavar="GPU", help="print the floors on GPU (H100, H200, A100) "
                                                       "for the requested shapes; runs nothing")
+    b.add_argument("--barrier", action="store_true",
+                   help="time one empty grid barrier instead of a sweep (needs CUDA: "
+                        "kernels/barrier.py at every SM and at 2 programs); --out/--md write it")
+    b.add_argument("--barrier-us", metavar="US|FILE.json",
+                   help="grid-barrier cost for the floors, in us or the JSON of `bench --barrier "
+                        "--out` (default: the GPU table's estimate)")
     b.add_argument("--gpu-spec", metavar="GPU", help="roofline table entry to use for the floors "
                                                       "(default: detected from the device name)")
     b.add_argument("--budget", type=float, default=None, metavar="SECONDS",
@@ -142,7 +151,10 @@ def _pick_device(requested):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "bench" and args.barrier and args.roofline:
+        parser.error("--barrier measures on the device; --roofline runs nothing: pick one")
     roofline_only = args.command == "bench" and args.roofline
     device = None if roofline_only else _pick_device(args.device)
     if device == "cpu" and "fusedrnn.kernels" in sys.modules:

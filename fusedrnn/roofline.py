@@ -6,6 +6,9 @@ Three floors are computed for every benchmark point:
 * memory: the bytes this design must move (see `bytes_moved`) / HBM bandwidth;
 * sync: the serial per-time-step cost: T x one kernel launch per step and layer for the stepwise
   kernel (``launch_ms``), or T x one grid-wide barrier for a persistent kernel (``barrier_ms``).
+  The barrier cost is the GPU table's estimate unless a measured one is given (``barrier_us``:
+  ``fusedrnn bench --barrier`` times kernels/barrier.py on the GPU; ``--barrier-us`` passes it on);
+  ``barrier_source`` in the result says which.
 
 ``floor_ms`` = max(compute, memory, barrier) is what no implementation of this design can beat on
 the device (the barrier floor is used because a persistent kernel is the better of the two
@@ -35,7 +38,7 @@ GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1,
 # case it can beat the float32 "floor" (the TF32 rate is listed for reference).
 # launch_us and barrier_us are ESTIMATES, not datasheet numbers: a back-to-back Triton launch
 # costs ~4-6 us of CPU+GPU overhead on Hopper, a software grid barrier (atomics in global memory)
-# ~1-2 us. Measure on the machine to refine.
+# ~1-2 us. Measure on the machine to refine (`fusedrnn bench --barrier` measures the barrier).
 GPUS = {
     "H100": dict(name="NVIDIA H100 SXM5 80GB", bf16=989.4, fp16=989.4, tf32=494.7, fp32=66.9,
                  fp64=66.9, hbm_tbs=3.35, launch_us=5.0, barrier_us=1.5),
@@ -158,15 +161,56 @@ def rate_tflops(spec, dtype):
     return spec[dtype]
 
 
-def floors(p: Problem, spec):
-    """A dict of floors in ms for problem p on GPU spec (an entry of GPUS), or None without spec."""
+def barrier_cost(spec, barrier_us=None):
+    """(us, source) of one grid barrier: barrier_us if given ("measured"), else the spec's own
+    (its "barrier_source", "estimate" for the GPUS table)."""
+    if barrier_us is not None:
+        return float(barrier_us), "measured"
+    return spec["barrier_us"], spec.get("barrier_source", "estimate")
+
+
+def with_barrier(spec, barrier_us):
+    """A copy of spec whose barrier cost is the measured barrier_us (spec itself if None)."""
+    if spec is None or barrier_us is None:
+        return spec
+    return dict(spec, barrier_us=float(barrier_us), barrier_source="measured")
+
+
+def load_barrier_us(text):
+    """The barrier cost a user passed (--barrier-us): a number of microseconds, or the path of a
+    `fusedrnn bench --barrier --out` JSON file (its "barrier_us"; None if it measured nothing).
+    Raises ValueError for anything else."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = None
+    if value is None:
+        import json
+        try:
+            with open(text) as f:
+                value = json.load(f).get("barrier_us")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ValueError(f"--barrier-us takes microseconds or a barrier JSON file from "
+                             f"`fusedrnn bench --barrier --out`, got {text!r} ({exc})") from None
+        if value is None:
+            return None
+        value = float(value)
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"--barrier-us must be a positive number of microseconds, got {text!r}")
+    return value
+
+
+def floors(p: Problem, spec, barrier_us=None):
+    """A dict of floors in ms for problem p on GPU spec (an entry of GPUS), or None without spec.
+    barrier_us: a measured grid-barrier cost overriding the spec's (see barrier_cost)."""
     if spec is None:
         return None
     f, b, n = flops(p), bytes_moved(p), serial_steps(p)
+    b_us, b_source = barrier_cost(spec, barrier_us)
     compute_ms = f / (rate_tflops(spec, p.dtype) * 1e12) * 1e3
     memory_ms = b / (spec["hbm_tbs"] * 1e12) * 1e3
     launch_ms = n * spec["launch_us"] * 1e-3
-    barrier_ms = n * spec["barrier_us"] * 1e-3
+    barrier_ms = n * b_us * 1e-3
     return {
         "gpu": spec["name"],
         "flops": f,
@@ -176,26 +220,31 @@ def floors(p: Problem, spec):
         "memory_ms": memory_ms,
         "launch_ms": launch_ms,
         "barrier_ms": barrier_ms,
+        "barrier_us": b_us,
+        "barrier_source": b_source,
         "floor_ms": max(compute_ms, memory_ms, barrier_ms),
     }
 
 
-def format_roofline(problems, gpu_key):
-    """A text table of the floors for each problem (used by `fusedrnn bench --roofline GPU`)."""
+def format_roofline(problems, gpu_key, barrier_us=None):
+    """A text table of the floors for each problem (used by `fusedrnn bench --roofline GPU`);
+    barrier_us: a measured grid-barrier cost instead of the table's estimate."""
     spec = gpu_spec(gpu_key)
     if spec is None:
         raise ValueError(f"unknown GPU {gpu_key!r}; known: {', '.join(GPUS)}")
+    b_us, b_source = barrier_cost(spec, barrier_us)
+    barrier = f"~{b_us:g} us (estimate)" if b_source == "estimate" else f"{b_us:.3g} us ({b_source})"
     lines = [
         f"Roofline floors on {spec['name']}: matmul {spec['bf16']} TFLOP/s bf16/fp16 dense, "
         f"{spec['fp32']} fp32 (no TF32), {spec['fp64']} fp64; HBM {spec['hbm_tbs']} TB/s; "
-        f"launch ~{spec['launch_us']} us, grid barrier ~{spec['barrier_us']} us (estimates).",
+        f"launch ~{spec['launch_us']} us (estimate), grid barrier {barrier}.",
         "floor = max(compute, memory, barrier); stepwise kernels also pay the launch floor.",
     ]
     hdr = ("cell", "dtype", "mode", "T", "B", "I", "H", "L", "D", "GFLOP", "MB",
            "compute ms", "memory ms", "launch ms", "barrier ms", "floor ms")
     rows = []
     for p in problems:
-        fl = floors(p, spec)
+        fl = floors(p, spec, barrier_us)
         rows.append((p.cell, p.dtype, p.mode, p.steps, p.batch, p.input, p.hidden, p.num_layers,
                      p.dirs, f"{fl['flops'] / 1e9:.2f}", f"{fl['bytes'] / 1e6:.1f}",
                      f"{fl['compute_ms']:.4f}", f"{fl['memory_ms']:.4f}",

@@ -2,8 +2,10 @@
 
 The configurations come from the launchers themselves: forward_launches / backward_launches run on
 meta tensors of a few shapes chosen to reach every block-size clamp, so this list cannot drift from
-the dispatch code. Used by tests/test_kernels_compile.py and bench/kernel_resources.py. Must run
-without TRITON_INTERPRET (which turns @triton.jit functions into interpreter objects).
+the dispatch code; the barrier-only kernel (kernels/barrier.py) is listed once, from its own
+launcher, with the grid barrier on and an sm_90-sized grid. Used by tests/test_kernels_compile.py
+and bench/kernel_resources.py. Must run without TRITON_INTERPRET (which turns @triton.jit functions
+into interpreter objects).
 """
 import itertools
 import os
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from .barrier import barrier_launch
 from .scan import GATES, MODES, backward_launches, forward_launches, persistent_plan
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -41,6 +44,8 @@ class KernelConfig:
     @property
     def label(self):
         c = dict(self.constexprs)
+        if "PREC" not in c:  # grid_barrier_kernel: no mode, dtype or tiles
+            return f"BARRIER/{'X' if c.get('GRID_SYNC') else '-'}/w{self.num_warps}"
         flags = "".join(k[0] if c.get(n) else "-" for k, n in (("B", "HAS_BIAS"), ("L", "HAS_LEN"),
                         ("J", "HAS_PROJ"), ("S", "SAVE"), ("P", "PERSISTENT"), ("X", "GRID_SYNC")))
         return (f"{c.get('MODE', 'LSTM')}/{self.dtype}/{flags}/{c['PREC']}/"
@@ -134,6 +139,8 @@ def kernel_configs(modes=MODES, dtypes=_DTYPES):
                             continue
                         add(_launches_of(mode, dtype, "persistent", B, H, Pp if projs else None, bias,
                                          lens, save, tf32), dtype)
+    _, barrier = barrier_launch(132, 1024, "meta", grid_sync=True)
+    add([barrier], torch.int32)
     return list(seen.values())
 
 
@@ -166,9 +173,9 @@ def select(configs, how="groups"):
     for c in configs:
         d = dict(c.constexprs)
         key = (c.name, d.get("MODE"), c.dtype, d.get("PERSISTENT"), d.get("GRID_SYNC"), d.get("HAS_PROJ"),
-               d["PREC"] if d.get("MODE", "LSTM") == "LSTM" and not d.get("PERSISTENT") else None)
+               d.get("PREC") if d.get("MODE", "LSTM") == "LSTM" and not d.get("PERSISTENT") else None)
         score = (sum(bool(d.get(k)) for k in ("HAS_BIAS", "HAS_LEN", "SAVE")),
-                 d["BLOCK_K"] * d.get("BLOCK_H", d.get("BLOCK_P", 0)) * d["BLOCK_B"])
+                 d.get("BLOCK_K", 0) * d.get("BLOCK_H", d.get("BLOCK_P", 0)) * d.get("BLOCK_B", 0))
         if key not in best or score > best[key][0]:
             best[key] = (score, c)
     return [c for _, c in best.values()]
@@ -212,8 +219,11 @@ def _compile_index(job):
         ptx = k.asm.get("ptx", "")
         import re
         mma = sorted(set(re.findall(r"\b(w?gmma\.\S+|mma\.sync\.aligned\.\S+)", ptx)))
+        # memory-ordered global accesses (the grid barrier's release arrive / acquire polls)
+        ordered = sorted(set(re.findall(r"\b((?:red|atom|ld|st)\.global\.\S*(?:release|acquire|acq_rel)\S*)",
+                                        ptx)))
         res.update(ok=True, has_ptx=bool(ptx), has_cubin=bool(k.asm.get("cubin")),
-                   mma="mma.sync" in ptx, wgmma="wgmma" in ptx, mma_ops=mma,
+                   mma="mma.sync" in ptx, wgmma="wgmma" in ptx, mma_ops=mma, ordered_ops=ordered,
                    shared_triton=int(k.metadata.shared))
         if resources:
             res["usage"] = resource_usage(k.asm["cubin"])
@@ -241,6 +251,7 @@ def main(argv=None):
     ap.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (repeatable)")
     ap.add_argument("--select", default="groups", choices=["groups", "all"])
     ap.add_argument("--dtype", action="append", help="only these dtypes (fp32, fp16, bf16, fp64)")
+    ap.add_argument("--kernel", action="append", help="only these kernels (e.g. grid_barrier_kernel)")
     ap.add_argument("--sample", type=int, default=None, help="about this many, evenly spread")
     ap.add_argument("--jobs", type=int, default=None)
     args = ap.parse_args(argv)
@@ -249,6 +260,8 @@ def main(argv=None):
     configs = select(kernel_configs(), args.select)
     if args.dtype:
         configs = [c for c in configs if c.dtype in args.dtype]
+    if args.kernel:
+        configs = [c for c in configs if c.name in args.kernel]
     if args.sample and len(configs) > args.sample:
         configs = sorted(configs, key=lambda c: (c.name, c.label))
         step = len(configs) / args.sample

@@ -5,7 +5,9 @@ dispatch on meta tensors, so this test follows any change of block sizes or flag
 runs in a subprocess without TRITON_INTERPRET (the interpreter, which tests/conftest.py enables on
 machines without CUDA, replaces @triton.jit functions and cannot compile them). sm_90: one
 configuration of every (kernel, mode, dtype, variant, grid barrier, projection; for stepwise LSTM
-also tf32 / ieee) group, the one with every optional feature on; sm_80: 12 of those, evenly spread.
+also tf32 / ieee) group, the one with every optional feature on, plus the barrier-only kernel
+(kernels/barrier.py), whose sm_90 PTX must order the grid barrier with release / acquire atomics;
+sm_80: 12 of those, evenly spread.
 About 3 minutes on 2 cores with an empty Triton cache.
 """
 import json
@@ -63,7 +65,18 @@ def test_compile_sm90(ptxas):
         for dt in ("fp32", "fp16", "bf16", "fp64"):
             for variant in ((False, False), (True, False), (True, True)):
                 assert (mode, dt, *variant) in seen, (mode, dt, variant)
-    assert {"lstm_proj_fwd_kernel", "lstm_proj_bwd_kernel"} <= {r["kernel"] for r in results}
+    assert {"lstm_proj_fwd_kernel", "lstm_proj_bwd_kernel", "grid_barrier_kernel"} <= {r["kernel"] for r in results}
+
+
+def test_compile_barrier_sm90_release_acquire(ptxas):
+    """The barrier-only kernel alone (seconds): its grid barrier arrives with a release reduction
+    and polls with acquire loads (or acquire atomics), the ordering the persistent scan relies on."""
+    results = _compile("--arch", "90", "--kernel", "grid_barrier_kernel")
+    _check(results)
+    assert [r["label"] for r in results] == ["BARRIER/X/w8"]
+    ops = results[0]["ordered_ops"]
+    assert any(op.startswith(("red.global.gpu.release", "atom.global.gpu.release")) for op in ops), ops
+    assert any(op.startswith(("ld.global.gpu.acquire", "atom.global.gpu.acquire")) for op in ops), ops
 
 
 def test_compile_sm80(ptxas):
