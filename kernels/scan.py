@@ -415,13 +415,22 @@ class PersistentPlan:
 REG_BUDGET = 32
 PERSISTENT_WARPS = 8
 MAX_PERSISTENT_B = 64
+# Half precision (the "x2" tensor-core dots) has its own single-program rule, calibrated on the
+# sm_90 and sm_80 tables: the weights stay in half precision and feed the tensor cores directly
+# (wgmma reads them from shared memory), so what limits a program is the float32 accumulators and
+# the split h tiles, i.e. the batch tile. At BLOCK_B = 16 a program holds 32 KiB of weights with at
+# most 24 B of spills (LSTM / GRU H = 64, RNN H = 128; sm_80: none); BLOCK_B = 32 spilled 56-576 B,
+# and so did a projection (192 B), which therefore stays on the general rule.
+HALF_WEIGHT_BYTES = 32 * 1024
+HALF_MAX_BLOCK_B = 16
 
 
 def persistent_plan(mode, D, B, H, P, dtype, num_sms, smem_per_block):
     """Launch config of the persistent kernels for this layer, or None if they cannot hold it.
 
     Single program per direction (no grid barrier; directions are independent) when every weight
-    of a direction fits one CTA's register budget. Otherwise, only when FUSEDRNN_GRID_BARRIER=1,
+    of a direction fits one CTA's register budget (float16 / bfloat16 without a projection: up to
+    32 KiB of weights at B <= 16, see HALF_WEIGHT_BYTES). Otherwise, only when FUSEDRNN_GRID_BARRIER=1,
     several programs per direction that exchange h through global memory and meet at a grid
     barrier every step; all of them must be resident at once, hence D * programs <= num_sms. That
     path has never run (no GPU was available to test it), so it is opt-in."""
@@ -445,8 +454,15 @@ def persistent_plan(mode, D, B, H, P, dtype, num_sms, smem_per_block):
         return PersistentPlan(grid=(D, 1, triton.cdiv(H, block_h)), BLOCK_B=BLOCK_B, BLOCK_H=block_h,
                               BLOCK_K=BLOCK_K, num_warps=PERSISTENT_WARPS, grid_sync=grid_sync)
 
+    def fits_half(block_h):
+        weights = G * block_h * BLOCK_K * 2
+        # weights staged for the tensor cores, plus h / hi / lo tiles
+        smem = weights + 4 * BLOCK_K * BLOCK_B * 4
+        return (dtype in (torch.float16, torch.bfloat16) and P == H and BLOCK_B <= HALF_MAX_BLOCK_B
+                and weights <= HALF_WEIGHT_BYTES and smem <= smem_per_block)
+
     single = _clamp_block(H, 1 << 30)
-    if fits(single):
+    if fits(single) or fits_half(single):
         return plan(single, False)
     if os.environ.get("FUSEDRNN_GRID_BARRIER") != "1" or P != H:
         # With a projection the P-side step runs in one program anyway (BLOCK_K >= P), so several

@@ -207,7 +207,24 @@ def test_half_precision_state_stays_float32_accurate(dtype, cell, variant):
     (measured 1.00-1.02x); split-free half-precision dots would add errors of the same size."""
     mode, proj = cell
     assert K.scan._precision(dtype, False, torch.device(DEVICE)) in ("x2", "x2emu")
-    L = make_layer(mode, proj, 2, dtype, LENGTHS, T=6, B=3, H=20)
+    check_half_state(dtype, mode, proj, variant, H=20)
+
+
+@pytest.mark.parametrize("mode, H", [("LSTM", 50), ("GRU", 50), ("RNN_TANH", 100)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_persistent_half_precision_wide_single_program(dtype, mode, H):
+    """float16 / bfloat16 layers without a projection get one persistent program per direction up
+    to 32 KiB of half-precision weights at B <= 16 (LSTM / GRU H <= 64, RNN H <= 128; float32
+    stops at 32 / 64): same checks as above at those widths (not multiples of 16)."""
+    plan = K.persistent_plan(mode, 2, 3, H, H, dtype, 1, 1 << 20)
+    assert plan is not None and plan.grid == (2, 1, 1) and plan.BLOCK_H >= H and not plan.grid_sync
+    assert K.persistent_plan(mode, 2, 3, H, H, torch.float32, 1, 1 << 20) is None
+    assert K.persistent_plan(mode, 2, 17, H, H, dtype, 1, 1 << 20) is None, "B > 16 spills (table)"
+    check_half_state(dtype, mode, False, "persistent", H=H)
+
+
+def check_half_state(dtype, mode, proj, variant, H):
+    L = make_layer(mode, proj, 2, dtype, LENGTHS, T=6, B=3, H=H)
     out = fwd(K, mode, L, True, variant=variant)
     ref = fwd(scan_torch, mode, as64(L), True)
     bound = 4 * torch.finfo(dtype).eps ** 2

@@ -66,6 +66,12 @@ def test_compile_sm90(ptxas):
             for variant in ((False, False), (True, False), (True, True)):
                 assert (mode, dt, *variant) in seen, (mode, dt, variant)
     assert {"lstm_proj_fwd_kernel", "lstm_proj_bwd_kernel", "grid_barrier_kernel"} <= {r["kernel"] for r in results}
+    # half precision runs its recurrent dots on tensor cores (the two-pass "x2" dot): mma.sync,
+    # or wgmma where the persistent weight tile has the 64 rows a warpgroup needs
+    for r in results:
+        if r["label"].split("/")[1] in ("fp16", "bf16"):
+            assert r["mma"] or r["wgmma"], f"{r['kernel']} {r['label']}: no tensor-core instruction"
+    assert any(r["wgmma"] for r in results if "P" in r["label"].split("/")[2]), "no persistent wgmma"
 
 
 def test_compile_barrier_sm90_release_acquire(ptxas):
