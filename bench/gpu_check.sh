@@ -2,7 +2,7 @@
 # The one-shot GPU check: bench/gpu_check.sh [RESULTS_DIR]   (or env FUSEDRNN_RESULTS)
 #
 # On a machine with one CUDA GPU (sized for an H200, finishes well inside 8 minutes; worst case,
-# every stage hitting its timeout: 410 s of stages + a few seconds of setup):
+# every stage hitting its timeout: 470 s of stages + a few seconds of setup):
 #   1. the GPU tests: pytest -m gpu tests (tests/test_gpu.py: fused vs float64 reference at real
 #      sizes, every cell and dtype, plus any other gpu-marked test)          timeout 110 s
 #      (without pytest: fusedrnn verify --shape 128,32,200,257 --dtype fp32,bf16 instead)
@@ -16,8 +16,11 @@
 #      the 110 s budget runs out are recorded as skipped); its barrier floor uses stage 3's
 #      measurement when there is one                                          timeout 140 s
 #   5. bf16 T=512 B=64 H=512 one layer fwd+bwd: lstm, gru, rnn_tanh vs cuDNN  timeout  40 s
+#   6. persistent vs stepwise vs cuDNN where half precision has a single-program plan: lstm,
+#      gru, rnn_tanh, bf16, B=16, H in {64, 128}, T=1024, fwd+bwd and inference (the persistent
+#      provider is skipped, with the reason, where no plan holds; 45 s budget)  timeout  60 s
 # Results (default bench/results/<gpu>-<date>/): env.txt, pytest.log, verify.txt, verify.json,
-# barrier.{json,md}, sweep.{json,md,png}, extra.{json,md,png}, summary.md. Each stage runs under
+# barrier.{json,md}, sweep.{json,md,png}, extra.{json,md,png}, persistent.{json,md}, summary.md. Each stage runs under
 # `timeout`, so one hang cannot eat the budget; a failed stage does not stop the others.
 # Needs no network and no pip: runs from this checkout (PYTHONPATH). matplotlib/tqdm optional.
 #
@@ -122,6 +125,11 @@ if [ $CUDA -eq 1 ]; then
         "$PY" -m fusedrnn bench --device cuda --cell lstm,gru,rnn_tanh --batch 64 --hidden 512 \
         --seq 512 --layers 1 --mode fwdbwd --dtype bf16 --providers fusedrnn,cudnn --rep 50 \
         --no-progress --out "$OUT/extra.json" --md "$OUT/extra.md" --plot "$OUT/extra.png"
+    stage "persistent vs stepwise bf16 B16" 60 "$OUT/persistent.log" \
+        "$PY" -m fusedrnn bench --device cuda --cell lstm,gru,rnn_tanh --batch 16 --hidden 64,128 \
+        --seq 1024 --layers 1 --mode fwdbwd,inference --dtype bf16 \
+        --providers fusedrnn-persistent,fusedrnn-stepwise,cudnn --rep 30 --budget 45 --no-progress \
+        --out "$OUT/persistent.json" --md "$OUT/persistent.md"
 else
     echo "no CUDA device: skipping the GPU stages; rehearsing the CPU versions (Triton interpreter)"
     skip "gpu tests" "no CUDA"
@@ -129,6 +137,7 @@ else
     skip "grid barrier" "no CUDA"
     skip "sweep vs cudnn" "no CUDA"
     skip "bf16 T512 B64 H512" "no CUDA"
+    skip "persistent vs stepwise bf16 B16" "no CUDA"
     stage "gpu tests (collect, all skip)" 60 "$OUT/pytest.log" \
         "$PY" -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider
     stage "verify cpu --quick" 150 "$OUT/verify.txt" \
@@ -171,7 +180,7 @@ fi
         grep -E "FAIL|ERROR|PASSED|FAILED|INCOMPLETE" "$OUT/verify.txt" | tail -n 40
         echo '```'
     fi
-    for f in barrier sweep extra; do
+    for f in barrier sweep extra persistent; do
         if [ -f "$OUT/$f.md" ]; then
             echo
             sed 's/^# /## /' "$OUT/$f.md"

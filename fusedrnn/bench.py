@@ -3,6 +3,8 @@
 Providers (each gets the same weights and inputs):
     fusedrnn       fusedrnn module, backend="triton" (on CPU: the Triton interpreter, tiny shapes only)
     fusedrnn-auto  fusedrnn module, backend="auto" (its default: Triton on CUDA, torch's fused ops on CPU)
+    fusedrnn-stepwise / fusedrnn-persistent   backend="triton" with that kernel forced (the
+                   persistent one is skipped where persistent_plan cannot hold the layer)
     cudnn          torch.nn on the GPU (cuDNN)
     torch-cpu      torch.nn on the CPU
     reference      fusedrnn module, backend="reference" (the PyTorch step loop)
@@ -38,9 +40,11 @@ from .roofline import (MODES, Problem, floors, format_roofline, gpu_spec, load_b
                        text_table, with_barrier)
 from .roofline import flops as count_flops
 
-PROVIDERS = ("fusedrnn", "fusedrnn-auto", "cudnn", "reference", "torch-cpu", "compile")
-BACKEND_OF = {"fusedrnn": "triton", "fusedrnn-auto": "auto", "reference": "reference",
-              "compile": "reference"}
+PROVIDERS = ("fusedrnn", "fusedrnn-auto", "fusedrnn-stepwise", "fusedrnn-persistent", "cudnn", "reference",
+             "torch-cpu", "compile")
+BACKEND_OF = {"fusedrnn": "triton", "fusedrnn-auto": "auto", "fusedrnn-stepwise": "triton",
+              "fusedrnn-persistent": "triton", "reference": "reference", "compile": "reference"}
+KERNEL_OF = {"fusedrnn-stepwise": "stepwise", "fusedrnn-persistent": "persistent"}
 CANON_DTYPE = {"fp64": "fp64", "float64": "fp64", "double": "fp64", "fp32": "fp32",
                "float32": "fp32", "float": "fp32", "bf16": "bf16", "bfloat16": "bf16",
                "fp16": "fp16", "float16": "fp16", "half": "fp16"}
@@ -122,7 +126,11 @@ def _torch_dtype(name):
 def skip_reason(provider, p, device):
     if provider == "cudnn" and device != "cuda":
         return "needs CUDA"
-    if provider == "fusedrnn" and device != "cuda":
+    if provider == "fusedrnn-persistent":
+        reason = _no_persistent_plan(p, device)
+        if reason:
+            return reason
+    if BACKEND_OF.get(provider) == "triton" and device != "cuda":
         steps = p.num_layers * p.steps * p.dirs
         if steps > INTERPRETER_MAX_STEPS or p.batch * max(p.hidden, p.input) > INTERPRETER_MAX_BH:
             return ("Triton interpreter on CPU (~0.05 s per launch): only tiny shapes; "
@@ -132,6 +140,23 @@ def skip_reason(provider, p, device):
                 "fwdbwd record")
     if provider == "compile" and p.steps > COMPILE_MAX_T:
         return f"torch.compile unrolls the step loop: skipped for T > {COMPILE_MAX_T}"
+    return None
+
+
+def _no_persistent_plan(p, device):
+    """Why kernel="persistent" cannot hold the layers of p on this device, or None. Every layer
+    has the same plan inputs (directions, batch, hidden, state; not the input size)."""
+    import torch
+
+    from . import dispatch
+    mode = {"lstm": "LSTM", "lstmcell": "LSTM", "gru": "GRU", "grucell": "GRU",
+            "rnn_tanh": "RNN_TANH", "rnncell": "RNN_TANH", "rnn_relu": "RNN_RELU",
+            "rnncell_relu": "RNN_RELU"}[p.cell]
+    try:
+        dispatch.choose_kernel("persistent", mode, p.dirs, p.batch, p.hidden, p.state,
+                               _torch_dtype(p.dtype), torch.device(device))
+    except dispatch.BackendUnavailableError as exc:
+        return f"no persistent plan: {exc}"
     return None
 
 
@@ -149,7 +174,7 @@ def build(provider, p, device, seed=0):
     if provider in ("cudnn", "torch-cpu"):
         model = copy.deepcopy(base)
     else:
-        model = convert_copy(base, BACKEND_OF[provider])
+        model = convert_copy(base, BACKEND_OF[provider], KERNEL_OF.get(provider))
     model = model.to(device=dev, dtype=dt)
     if provider == "compile":
         model = torch.compile(model)

@@ -58,7 +58,8 @@ CELL_NAMES = ("lstm", "gru", "rnn_tanh", "rnn_relu", "lstmcell", "grucell", "rnn
 DTYPE_CHOICES = ("fp64", "fp32", "bf16", "fp16", "float64", "float32", "bfloat16", "float16",
                  "double", "float", "half")
 MODE_NAMES = ("forward", "backward", "fwdbwd", "inference")
-PROVIDERS = ("fusedrnn", "fusedrnn-auto", "cudnn", "reference", "torch-cpu", "compile")
+PROVIDERS = ("fusedrnn", "fusedrnn-auto", "fusedrnn-stepwise", "fusedrnn-persistent", "cudnn", "reference",
+             "torch-cpu", "compile")
 
 
 def build_parser():
