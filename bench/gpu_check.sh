@@ -2,7 +2,7 @@
 # The one-shot GPU check: bench/gpu_check.sh [RESULTS_DIR]   (or env FUSEDRNN_RESULTS)
 #
 # On a machine with one CUDA GPU (sized for an H200, finishes well inside 8 minutes; worst case,
-# every stage hitting its timeout: 470 s of stages + a few seconds of setup):
+# every stage hitting its timeout: 515 s of stages + a few seconds of setup):
 #   1. the GPU tests: pytest -m gpu tests (tests/test_gpu.py: fused vs float64 reference at real
 #      sizes, every cell and dtype, plus any other gpu-marked test)          timeout 110 s
 #      (without pytest: fusedrnn verify --shape 128,32,200,257 --dtype fp32,bf16 instead)
@@ -11,6 +11,8 @@
 #   3. one empty grid barrier: fusedrnn bench --barrier (kernels/barrier.py at every SM, at 2
 #      programs, and the CTA-only barrier of single-program plans; us per barrier and per
 #      launch)                                                                timeout  20 s
+#      then the grid-barrier tests: the opt-in multi-program persistent layers
+#      (tests/test_gpu.py::test_grid_barrier) and the barrier kernel's gpu test timeout  45 s
 #   4. the standard sweep vs cuDNN: lstm, B in {1,8,16,64,256} x H in {128,256,512,1024},
 #      T=1024, fwd+bwd and inference, bf16 and fp32 (do_bench with a short rep; points left when
 #      the 110 s budget runs out are recorded as skipped); its barrier floor uses stage 3's
@@ -19,7 +21,7 @@
 #   6. persistent vs stepwise vs cuDNN where half precision has a single-program plan: lstm,
 #      gru, rnn_tanh, bf16, B=16, H in {64, 128}, T=1024, fwd+bwd and inference (the persistent
 #      provider is skipped, with the reason, where no plan holds; 45 s budget)  timeout  60 s
-# Results (default bench/results/<gpu>-<date>/): env.txt, pytest.log, verify.txt, verify.json,
+# Results (default bench/results/<gpu>-<date>/): env.txt, pytest.log, pytest_grid.log, verify.txt, verify.json,
 # barrier.{json,md}, sweep.{json,md,png}, extra.{json,md,png}, persistent.{json,md}, summary.md. Each stage runs under
 # `timeout`, so one hang cannot eat the budget; a failed stage does not stop the others.
 # Needs no network and no pip: runs from this checkout (PYTHONPATH). matplotlib/tqdm optional.
@@ -100,7 +102,7 @@ cat "$OUT/env.txt"
 if [ $CUDA -eq 1 ]; then
     if "$PY" -c "import pytest" 2>/dev/null; then
         stage "gpu tests" 110 "$OUT/pytest.log" \
-            "$PY" -m pytest -m gpu tests -q -p no:cacheprovider --durations=10
+            "$PY" -m pytest -m gpu tests -q -p no:cacheprovider --durations=10 -k "not barrier"
     else
         # No pytest here: the same comparison at real sizes through the CLI instead.
         echo "pytest is not installed: running fusedrnn verify at real sizes instead of the tests"
@@ -113,6 +115,12 @@ if [ $CUDA -eq 1 ]; then
     stage "grid barrier" 20 "$OUT/barrier.log" \
         "$PY" -m fusedrnn bench --barrier --device cuda --rep 50 \
         --out "$OUT/barrier.json" --md "$OUT/barrier.md"
+    if "$PY" -c "import pytest" 2>/dev/null; then
+        # the opt-in multi-program persistent path (FUSEDRNN_GRID_BARRIER=1) at real sizes: its
+        # first run anywhere; a co-residency failure raises after a bounded spin
+        stage "grid-barrier kernels (tests)" 45 "$OUT/pytest_grid.log" \
+            "$PY" -m pytest -m gpu tests/test_gpu.py tests/test_barrier.py -q -p no:cacheprovider -k barrier
+    fi
     BARRIER_US=()  # the measured barrier for the sweep's floors (a JSON without one: the estimate)
     [ -s "$OUT/barrier.json" ] && BARRIER_US=(--barrier-us "$OUT/barrier.json")
     stage "sweep vs cudnn" 140 "$OUT/sweep.log" \
@@ -170,6 +178,14 @@ fi
         echo
         echo '```'
         tail -n 25 "$OUT/pytest.log"
+        echo '```'
+    fi
+    if [ -f "$OUT/pytest_grid.log" ]; then
+        echo
+        echo '## Grid-barrier tests'
+        echo
+        echo '```'
+        tail -n 25 "$OUT/pytest_grid.log"
         echo '```'
     fi
     if [ -f "$OUT/verify.txt" ]; then
