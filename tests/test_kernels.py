@@ -330,6 +330,35 @@ def test_persistent_launches_do_not_grow_with_T():
     assert counts[0] == (1, 2)
 
 
+@pytest.mark.parametrize("variant", ["stepwise", "persistent"])
+@pytest.mark.parametrize("mode, proj", [("LSTM", False), ("LSTM", True), ("GRU", False)])
+def test_inference_memory_does_not_grow_with_T(mode, proj, variant):
+    """save=False (no_grad / inference) allocates the outputs and T-independent state buffers
+    only: at T = 10,000 every tensor the launcher allocates, except y (T, B, D*P), has the same
+    size as at T = 10. Meta tensors: the launcher's own allocations, nothing runs."""
+    def allocated(T):
+        G, D, B, Hh, P = K.GATES[mode], 2, 8, 32, 16 if proj else 32
+        m = dict(device="meta", dtype=torch.bfloat16)
+        xg, w_hh = torch.empty(D, T, B, G * Hh, **m), torch.empty(D, G * Hh, P, **m)
+        w_hr = torch.empty(D, P, Hh, **m) if proj else None
+        h0, c0 = torch.empty(D, B, P, **m), torch.empty(D, B, Hh, **m) if mode == "LSTM" else None
+        outs, launches, _ = K.scan.forward_launches(mode, xg, w_hh, None, w_hr, h0, c0, None, False,
+                                                    variant, False)
+        inputs = {id(t) for t in (xg, w_hh, w_hr, h0, c0) if t is not None}
+        seen = {}
+        for ln in launches:
+            for a in ln.args:
+                if isinstance(a, torch.Tensor) and id(a) not in inputs:
+                    seen[id(a)] = a
+            break  # the stepwise launches differ only in the step index
+        y = outs[0]
+        return y.numel(), sorted(a.numel() * a.element_size() for a in seen.values() if a is not y)
+
+    (y10, other10), (y10k, other10k) = allocated(10), allocated(10_000)
+    assert y10k == 1000 * y10
+    assert other10k == other10, "an allocation besides y grows with T under save=False"
+
+
 def test_stepwise_launch_counts():
     L = make_layer("LSTM", True, 2, torch.float32, T=2)
     n0 = K.launch_count()

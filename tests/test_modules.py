@@ -751,6 +751,39 @@ def test_layer_triton_backend_options(kind):
                             TOL[torch.float32], f"{kind}/triton train={train}")
 
 
+@pytest.mark.triton
+def test_triton_backend_saves_nothing_without_grad(monkeypatch):
+    """Under no_grad / inference_mode, and when nothing requires grad, the layer asks the kernels
+    for no per-step workspace (save=False: memory proportional to the output, see
+    tests/test_kernels.py::test_inference_memory_does_not_grow_with_T); with grad it saves."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
+    import fusedrnn.kernels as K
+    saves = []
+    real = K.scan_forward
+
+    def spy(*args, **kw):
+        saves.append(args[8])  # scan_forward(mode, xg, w_hh, b_hh, w_hr, h0, c0, lengths, save)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(K, "scan_forward", spy)
+    m = fusedrnn.LSTM(I, 4, num_layers=2, backend="triton")
+    x = torch.randn(T, B, I)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        saves.clear()
+        with ctx():
+            m(x)
+        assert saves == [False, False], (ctx.__name__, saves)
+    m.requires_grad_(False)
+    saves.clear()
+    m(x)
+    assert saves == [False, False], saves
+    m.requires_grad_(True)
+    saves.clear()
+    m(x)[0].sum().backward()
+    assert saves == [True, True], saves
+
+
 # ----------------------------------------------------------------------------------------------
 # CUDA: the default backend runs the Triton kernels (skipped without a GPU)
 # ----------------------------------------------------------------------------------------------
