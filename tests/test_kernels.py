@@ -225,7 +225,9 @@ def test_persistent_half_precision_wide_single_program(dtype, mode, H):
 
 def check_half_state(dtype, mode, proj, variant, H):
     L = make_layer(mode, proj, 2, dtype, LENGTHS, T=6, B=3, H=H)
+    n0 = K.launch_count()
     out = fwd(K, mode, L, True, variant=variant)
+    assert K.launch_count() > n0, "no kernel ran"
     ref = fwd(scan_torch, mode, as64(L), True)
     bound = 4 * torch.finfo(dtype).eps ** 2
     for name, o, r in zip(FWD_NAMES[3:], out[3:], ref[3:]):
