@@ -22,7 +22,9 @@ from .common import step_barrier
 from .scan import MAX_SPIN, Launch, _device_limits, _run
 
 
-@triton.jit
+# n_steps = 1 and 1024 must run the same binary for their difference to be the barrier's cost
+# (Triton would otherwise specialize the 1 into a constant).
+@triton.jit(do_not_specialize=["n_steps"])
 def grid_barrier_kernel(p_sync, n_steps, D, GRID_SYNC: tl.constexpr, MAX_SPIN: tl.constexpr):
     pid_d = tl.program_id(0)
     n_prog = tl.num_programs(1) * tl.num_programs(2)

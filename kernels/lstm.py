@@ -115,7 +115,7 @@ def lstm_proj_bwd_step(
         tl.store(p_dh0 + pid_d * B * P + o_state, dh.to(p_dh0.dtype.element_ty), mask=mask_pb)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s"])  # s changes every launch (see scan_fwd_kernel)
 def lstm_proj_fwd_kernel(
     p_hraw, p_whr, p_h0, p_hst, p_y, p_hn, p_len,
     s, T, B, H, P, D,
@@ -127,7 +127,7 @@ def lstm_proj_fwd_kernel(
                        HAS_LEN, BLOCK_B, BLOCK_P, BLOCK_K, PREC, "")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s"])
 def lstm_proj_bwd_kernel(
     p_dy, p_dhn, p_whh, p_len, p_dghbuf, p_carry, p_dhtot, p_dhp, p_dh0,
     s, T, B, H, P, D,

@@ -36,7 +36,9 @@ VARIANTS = ("stepwise", "persistent")
 MAX_SPIN = tl.constexpr(100_000_000)
 
 
-@triton.jit
+# The step range changes every stepwise launch: without do_not_specialize, Triton would compile
+# separate variants for a bound equal to 1 or divisible by 16 (and pick among them per launch).
+@triton.jit(do_not_specialize=["s_begin", "s_end"])
 def scan_fwd_kernel(
     p_xg, p_whh, p_bhh, p_h0, p_c0, p_len,
     p_hst, p_cst, p_hraw, p_whr,
@@ -201,7 +203,7 @@ def scan_fwd_kernel(
             ok = step_barrier(p_sync + pid_d, p_sync + D, n_prog * n_sync, ok, GRID_SYNC, MAX_SPIN)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["i_begin", "i_end"])
 def scan_bwd_kernel(
     p_dy, p_dhn, p_dcn, p_whh, p_whr, p_len, p_hp, p_gates, p_cs,
     p_dghbuf, p_carry, p_dcst, p_dhtot,

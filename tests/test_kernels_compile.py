@@ -87,3 +87,22 @@ def test_compile_barrier_sm90_release_acquire(ptxas):
 
 def test_compile_sm80(ptxas):
     _check(_compile("--arch", "80", "--sample", "12"))
+
+
+def test_step_index_arguments_are_not_specialized():
+    """The arguments that change from one launch to the next (the step range, the barrier count)
+    must not be specialized by the JIT, or a stepwise layer would compile and choose among
+    variants for a step of 1 / a multiple of 16, and the barrier benchmark's n_steps = 1 launch
+    would run a different binary than its n_steps = 1024 launch."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json\n"
+            "from fusedrnn.kernels import scan, lstm, barrier\n"
+            "ks = (scan.scan_fwd_kernel, scan.scan_bwd_kernel, lstm.lstm_proj_fwd_kernel,\n"
+            "      lstm.lstm_proj_bwd_kernel, barrier.grid_barrier_kernel)\n"
+            "print(json.dumps({k.__name__: [p.name for p in k.params if p.do_not_specialize] for k in ks}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"scan_fwd_kernel": ["s_begin", "s_end"], "scan_bwd_kernel": ["i_begin", "i_end"],
+                   "lstm_proj_fwd_kernel": ["s"], "lstm_proj_bwd_kernel": ["s"],
+                   "grid_barrier_kernel": ["n_steps"]}, got
