@@ -9,8 +9,10 @@ max(2e-5, 4 x torch.nn's own float32 error), i.e. never meaningfully worse than 
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -79,11 +81,30 @@ def layer_configs(draw):
 @SETTINGS
 @given(cfg=layer_configs())
 def test_random_layers_match_torch(cfg):
+    check_layer(cfg)
+
+
+@pytest.mark.triton
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=layer_configs(), kernel=st.sampled_from(["stepwise", "persistent"]))
+def test_random_layers_triton_kernels_match_torch(cfg, kernel):
+    """The same random layers through the Triton kernels (the interpreter on CPU), each schedule
+    forced: tiny sizes are far from every block multiple, and all fit a single-program
+    persistent plan."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
+    got = check_layer(dict(cfg, backend="triton"), kernel=kernel)
+    assert got.last_backend == "triton" and set(got.last_kernels) == {kernel}, got.last_kernels
+
+
+def check_layer(cfg, kernel=None):
     kw, dtype = cfg["kw"], cfg["dtype"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref, got = make_twin_pair(cfg["name"], cfg["I"], cfg["H"], backend=cfg["backend"],
                                   dtype=dtype, **kw)
+    if kernel is not None:
+        got.kernel = kernel
     # dropout is random unless it is 1 (deterministic zeros) or the modules are in eval mode
     train = cfg["train"] and kw.get("dropout", 0.0) in (0.0, 1.0)
     ref.train(train), got.train(train)
@@ -106,6 +127,7 @@ def test_random_layers_match_torch(cfg):
         return mod(inp, tuple(states) if len(states) == 2 else states[0])
 
     assert_matches_torch(ref, got, dtype, [x, *states], call, str(cfg))
+    return got
 
 
 @st.composite
