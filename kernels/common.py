@@ -27,9 +27,9 @@ def mdot(b_w, b_x, acc, PREC: tl.constexpr):
     float32 / float64 state or gradient tile.
 
     PREC "ieee" / "tf32": one dot at that precision. "x2" (float16 / bfloat16 weights): b_x is split
-    into a high and a low half-precision part, x = hi + lo to ~2^-16 relative, and both products go
-    through the tensor cores against the exact half-precision weights into a float32 accumulator.
-    Rounding the state to half precision for a single dot would add a half-precision-sized error
+    into a high and a low half-precision part, x = hi + lo to ~2^-16 (bfloat16) or ~2^-22 (float16)
+    relative, and both products go through the tensor cores against the exact half-precision
+    weights into a float32 accumulator. Rounding the state to half precision for a single dot would add a half-precision-sized error
     at every step; two dots keep the recurrence close to float32 accuracy. "x2emu" (the
     interpreter, whose bfloat16 dot is wrong): the same two products with the operands upcast to
     float32 first; each product of two half-precision values is exact in float32 either way."""

@@ -61,7 +61,8 @@ def scan_fwd_kernel(
     o_w = offs_j[:, None] * P + offs_k[None, :]
     if PERSISTENT:
         # The whole K = P fits one chunk (persistent_plan guarantees BLOCK_K >= P): this program's
-        # weights stay in registers for the whole sequence.
+        # weights stay on chip for the whole sequence (registers; for a wgmma the compiler moves
+        # them to shared memory once, before the loop).
         mask_w = mask_j[:, None] & (offs_k[None, :] < P)
         w_0 = wload(p_w + o_w, mask_w, CDT, PREC)
         if G > 1:
