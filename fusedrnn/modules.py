@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import ops  # noqa: F401  (registers the fusedrnn:: custom ops)
 from . import reference
-from .dispatch import BACKENDS, KERNELS, BackendUnavailableError, check_choice, resolve
+from .dispatch import BACKENDS, KERNELS, BackendUnavailableError, check_choice, requested_backend, resolve
 from .errors import DtypeMismatchError, HiddenStatePairError, NotATensorError, StateRankError
 from .functional import layer_weights, run_layers
 
@@ -347,7 +347,35 @@ class _FusedCell(_Backend):
         self._init_backend(backend)
 
     def forward(self, input, hx=None):
-        return self._forward_cell(input, hx)
+        fast = self._fast_cell(input, hx)
+        return fast if fast is not None else self._forward_cell(input, hx)
+
+    def _fast_cell(self, input, hx):
+        """The common CPU call, checked in a few comparisons: batched input and state that are
+        already valid, no autocast, no compile, a backend that runs torch's own cell op on CPU. It
+        computes exactly what _forward_cell would (torch.nn.*Cell's op, no casts); anything else
+        returns None and takes the validating path, which raises the clear errors. Per-call
+        Python cost matters for cells: at small sizes the op itself takes a few tens of us."""
+        if (type(input) is not Tensor or not input.is_cpu or input.dim() != 2
+                or input.shape[1] != self.input_size or torch.is_autocast_enabled("cpu")
+                or torch.compiler.is_compiling() or requested_backend(self.backend) not in ("auto", "torch")):
+            return None
+        w_ih = self.weight_ih
+        dtype = input.dtype
+        if dtype != w_ih.dtype or not w_ih.is_cpu:
+            return None
+        shape = (input.shape[0], self.hidden_size)
+        if hx is None:
+            h = input.new_zeros(shape)
+            states = (h, input.new_zeros(shape)) if self._mode == "LSTM" else (h,)
+        else:
+            states = tuple(hx) if self._mode == "LSTM" and isinstance(hx, (tuple, list)) else (hx,)
+            if len(states) != (2 if self._mode == "LSTM" else 1) or not all(
+                    type(t) is Tensor and t.shape == shape and t.dtype == dtype and t.is_cpu for t in states):
+                return None
+        out = self._torch_cell(input, states, (w_ih, self.weight_hh, self.bias_ih, self.bias_hh))
+        self._record("torch")
+        return out if self._mode == "LSTM" else out[0]
 
     def _forward_cell(self, input, hx):
         name = self._name

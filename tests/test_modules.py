@@ -354,6 +354,41 @@ def cell_call(mod, x, h, c):
     return mod(x, (h, c)) if c is not None else mod(x, h)
 
 
+@pytest.mark.parametrize("kind", CELL_KINDS)
+def test_cell_fast_path_is_the_validating_path(kind, monkeypatch):
+    """Cells take a short path for the common CPU call (batched, valid state, no autocast) and the
+    validating path for everything else. Both must give bitwise the same outputs and gradients,
+    and every other case must reach the validating path (which raises the clear errors)."""
+    name, kw = CELL_KINDS[kind]
+    lstm = name == "LSTMCell"
+    m = getattr(fusedrnn, name)(I, H, **kw)
+    x = torch.randn(B, I, requires_grad=True)
+    hx = (torch.randn(B, H), torch.randn(B, H)) if lstm else torch.randn(B, H)
+    for state in (None, hx):
+        fast = m._fast_cell(x, state)
+        assert fast is not None and m.last_backend == "torch"
+        slow = m._forward_cell(x, state)
+        fast, slow = (list(fast), list(slow)) if lstm else ([fast], [slow])
+        for a, b in zip(fast, slow):
+            assert torch.equal(a, b)
+        ga = torch.autograd.grad(sum(t.sum() for t in fast), [x] + list(m.parameters()))
+        gb = torch.autograd.grad(sum(t.sum() for t in slow), [x] + list(m.parameters()))
+        assert all(torch.equal(a, b) for a, b in zip(ga, gb))
+    h2 = (hx[0], hx[1].double()) if lstm else hx.double()
+    not_fast = [(x[0], None), (x.double(), None), (x[:, :2], None), (x, h2),
+                (x, hx[0] if lstm else (hx, hx)), (x, (hx[0][:2], hx[1]) if lstm else hx[:2])]
+    for inp, state in not_fast:
+        assert m._fast_cell(inp, state) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m._fast_cell(x, None) is None
+    monkeypatch.setenv("FUSEDRNN_BACKEND", "reference")
+    assert m._fast_cell(x, None) is None
+    m(x, hx)
+    assert m.last_backend == "reference"
+    monkeypatch.delenv("FUSEDRNN_BACKEND")
+    assert fusedrnn.GRUCell(I, H, backend="reference")._fast_cell(x, None) is None
+
+
 @pytest.mark.parametrize("kind,bias,batched,with_hx,dtype,backend", CELL_GRID)
 def test_cell_matches_torch(kind, bias, batched, with_hx, dtype, backend):
     name, kw = CELL_KINDS[kind]
