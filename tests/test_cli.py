@@ -196,18 +196,20 @@ def test_bench_kernel_providers_force_the_kernel():
     """fusedrnn-stepwise / fusedrnn-persistent run the Triton backend with that kernel forced (the
     modules' last_kernels say so), and the persistent one is skipped with the plan's reason where
     no persistent plan holds the layer (float32 LSTM H = 80), never silently run stepwise."""
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
     from fusedrnn import bench
     from fusedrnn.roofline import Problem
 
     small = Problem(cell="lstm", seq=2, batch=3, input=6, hidden=20, dtype="bf16", mode="fwdbwd")
     for provider, kernel in (("fusedrnn-stepwise", "stepwise"), ("fusedrnn-persistent", "persistent")):
-        assert bench.skip_reason(provider, small, "cpu") is None
-        fn, grads = bench.build(provider, small, "cpu")
+        assert bench.skip_reason(provider, small, device) is None
+        fn, grads = bench.build(provider, small, device)
         fn()
         assert grads and all(t.grad is not None for t in grads)
         model = fn.__closure__[fn.__code__.co_freevars.index("model")].cell_contents
         assert set(model.last_kernels) == {kernel}, model.last_kernels
     wide = Problem(cell="lstm", seq=2, batch=3, input=80, hidden=80, dtype="fp32", mode="fwdbwd")
-    assert "no persistent plan" in bench.skip_reason("fusedrnn-persistent", wide, "cpu")
-    assert bench.skip_reason("fusedrnn-stepwise", wide, "cpu") is None
+    assert "no persistent plan" in bench.skip_reason("fusedrnn-persistent", wide, device)
+    assert bench.skip_reason("fusedrnn-stepwise", wide, device) is None
