@@ -3,7 +3,7 @@
 The layers subclass torch.nn.RNNBase (parameters, state_dict, repr and flat-weight bookkeeping are
 torch's own) but not nn.LSTM/GRU/RNN, because torch.compile refuses to trace subclasses of those
 three. The cells subclass nn.LSTMCell / GRUCell / RNNCell. Modules only validate, reshape and
-dispatch; the math lives in reference.py, scan_torch.py and the kernels.
+dispatch; the math lives in reference.py, loop.py and the kernels.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ purpose: a triton_op's body is traced by the compiler, and the stepwise kernel's
 then be unrolled into the graph.
 
 The ``kernel`` argument picks the implementation of the scan contract (docs/design.md):
-"stepwise" / "persistent" run the Triton kernels, "torch" runs fusedrnn/scan_torch.py (the
+"stepwise" / "persistent" run the Triton kernels, "torch" runs fusedrnn/loop.py (the
 CPU implementation, used under torch.compile on CPU). The input projection before the scan and
 the weight/input gradients after it are large matmuls done by torch (cuBLAS on GPU).
 
@@ -21,10 +21,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import scan_torch
+from . import loop
 from .dispatch import kernels
 
-GATES = scan_torch.GATES
+GATES = loop.GATES
 
 
 def _empty(like, dtype=None):
@@ -33,7 +33,7 @@ def _empty(like, dtype=None):
 
 def _scan(kernel):
     if kernel == "torch":
-        return scan_torch.scan_forward, scan_torch.scan_backward, {}
+        return loop.scan_forward, loop.scan_backward, {}
     k = kernels()
     return k.scan_forward, k.scan_backward, {"variant": kernel}
 
@@ -68,13 +68,13 @@ def _layer_fake(x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0, lengths, mode, kernel, 
     T, B, _ = x.shape
     D, GH, P = w_hh.shape
     H = GH // GATES[mode]
-    wdt = scan_torch.work_dtype(x.dtype)
+    wdt = loop.work_dtype(x.dtype)
     y = x.new_empty(T, B, D * P)
     hn = x.new_empty(D, B, P)
     cn = x.new_empty(D, B, H) if mode == "LSTM" else _empty(x)
     if not save:
         return y, hn, cn, _empty(x, wdt), _empty(x, wdt), _empty(x, wdt)
-    W, C = scan_torch.saved_widths(mode, H)
+    W, C = loop.saved_widths(mode, H)
     return (y, hn, cn, x.new_empty(D, T, B, P, dtype=wdt), x.new_empty(D, T, B, W, dtype=wdt),
             x.new_empty(D, T, B, C, dtype=wdt))
 

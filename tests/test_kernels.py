@@ -1,4 +1,4 @@
-"""fusedrnn.kernels (Triton) against fusedrnn.scan_torch, the same scan contract in PyTorch.
+"""fusedrnn.kernels (Triton) against fusedrnn.loop, the same scan contract in PyTorch.
 
 Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before Triton is
 imported): every program runs in Python, ~0.05-0.3 s per launch, so shapes are tiny (T <= 4, B <= 3,
@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import fusedrnn.kernels as K  # noqa: E402
-from fusedrnn import scan_torch  # noqa: E402
+from fusedrnn import loop  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.triton
@@ -25,7 +25,7 @@ LENGTHS = [4, 1, 3]  # unsorted, one row dead after the first step, one full
 CELLS = [("LSTM", False), ("LSTM", True), ("GRU", False), ("RNN_TANH", False), ("RNN_RELU", False)]
 CELL_IDS = ["LSTM", "LSTM-proj", "GRU", "RNN_TANH", "RNN_RELU"]
 # Relative error norms vs the float64 reference. float64: the kernels do the same operations as
-# scan_torch in a different order (blocked dots, sigmoid via exp), ~1e-16 per op over a few steps.
+# loop in a different order (blocked dots, sigmoid via exp), ~1e-16 per op over a few steps.
 # float32: state and dots in float32 (ieee, not tf32), ~1e-7 per op, a few dozen ops deep.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -92,7 +92,7 @@ def check_finite(names, outs):
 
 
 # ----------------------------------------------------------------------------------------------
-# float64 / float32: the full matrix, against scan_torch in float64
+# float64 / float32: the full matrix, against loop in float64
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", ["stepwise", "persistent"])
@@ -108,7 +108,7 @@ def test_matches_scan_torch(dtype, cell, D, lengths, save, variant):
     n0 = K.launch_count()
     out = fwd(K, mode, L, save, variant=variant)
     assert K.launch_count() > n0, "no kernel ran"
-    ref = fwd(scan_torch, mode, L64, True)
+    ref = fwd(loop, mode, L64, True)
     check_finite(FWD_NAMES, out)
     tol = TOL[dtype]
     wdt = torch.float64 if dtype == torch.float64 else torch.float32
@@ -129,7 +129,7 @@ def test_matches_scan_torch(dtype, cell, D, lengths, save, variant):
     g = bwd(K, mode, L, grads, out[3:], variant=variant)
     assert K.launch_count() > n0, "no kernel ran"
     # the reference backward runs on the reference workspace: the comparison is end to end
-    gref = bwd(scan_torch, mode, L64, tuple(x.double() if x is not None else None for x in grads), ref[3:])
+    gref = bwd(loop, mode, L64, tuple(x.double() if x is not None else None for x in grads), ref[3:])
     check_finite(BWD_NAMES, g)
     assert (g[1] is g[0]) == (mode != "GRU"), "dgh is dxg itself except for GRU"
     assert (g[4] is None) == (not proj)
@@ -161,8 +161,8 @@ def baseline_err(torch_out, r64):
 @pytest.mark.parametrize("cell", CELLS[:4], ids=CELL_IDS[:4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_half_precision(dtype, cell, variant):
-    """Inputs and outputs in half precision, state and dots in float32 (as scan_torch). The
-    reference is the float64 scan of the same (rounded) inputs; scan_torch run in `dtype` shows
+    """Inputs and outputs in half precision, state and dots in float32 (as loop). The
+    reference is the float64 scan of the same (rounded) inputs; loop run in `dtype` shows
     what rounding the outputs alone costs. Our error may exceed it by 1.5x (summation order and
     exp implementation move values across rounding boundaries) plus a floor of a tenth of the
     dtype's epsilon for outputs that torch happens to round almost exactly."""
@@ -172,8 +172,8 @@ def test_half_precision(dtype, cell, variant):
     L64 = as64(L)
     out = fwd(K, mode, L, True, variant=variant)
     check_finite(FWD_NAMES, out)
-    ref64 = fwd(scan_torch, mode, L64, True)
-    ref_dt = fwd(scan_torch, mode, L, True)
+    ref64 = fwd(loop, mode, L64, True)
+    ref_dt = fwd(loop, mode, L, True)
     floor = 0.1 * torch.finfo(dtype).eps
     for name, o, r64, rdt in zip(FWD_NAMES[:3], out, ref64, ref_dt):
         if o.numel():
@@ -183,8 +183,8 @@ def test_half_precision(dtype, cell, variant):
     grads = grads_for(mode, *out[:3])
     g = bwd(K, mode, L, grads, out[3:], variant=variant)
     check_finite(BWD_NAMES, g)
-    g64 = bwd(scan_torch, mode, L64, tuple(x.double() if x is not None else None for x in grads), ref64[3:])
-    gdt = bwd(scan_torch, mode, L, grads, ref_dt[3:])
+    g64 = bwd(loop, mode, L64, tuple(x.double() if x is not None else None for x in grads), ref64[3:])
+    gdt = bwd(loop, mode, L, grads, ref_dt[3:])
     for name, o, r64, rdt in zip(BWD_NAMES, g, g64, gdt):
         if o is not None and o.numel():
             assert o.dtype == dtype
@@ -228,7 +228,7 @@ def check_half_state(dtype, mode, proj, variant, H):
     n0 = K.launch_count()
     out = fwd(K, mode, L, True, variant=variant)
     assert K.launch_count() > n0, "no kernel ran"
-    ref = fwd(scan_torch, mode, as64(L), True)
+    ref = fwd(loop, mode, as64(L), True)
     bound = 4 * torch.finfo(dtype).eps ** 2
     for name, o, r in zip(FWD_NAMES[3:], out[3:], ref[3:]):
         if o.numel():
@@ -237,7 +237,7 @@ def check_half_state(dtype, mode, proj, variant, H):
     grads = grads_for(mode, *out[:3])
     g = bwd(K, mode, L, grads, out[3:], variant=variant)
     check_finite(BWD_NAMES, g)
-    g64 = bwd(scan_torch, mode, as64(L), tuple(x.double() if x is not None else None for x in grads),
+    g64 = bwd(loop, mode, as64(L), tuple(x.double() if x is not None else None for x in grads),
               tuple(w.double() for w in out[3:]))
     for name, o, r in zip(BWD_NAMES, g, g64):
         if o is not None and o.numel():
@@ -267,7 +267,7 @@ def test_saturated_activations(cell):
     L = make_layer(mode, proj, 1, torch.float32, scale=100.0, T=2)
     out = fwd(K, mode, L, True)
     check_finite(FWD_NAMES, out)
-    ref = fwd(scan_torch, mode, as64(L), True)
+    ref = fwd(loop, mode, as64(L), True)
     assert rel_err(out[0], ref[0]) < 1e-5
 
 
@@ -277,14 +277,14 @@ def test_zero_length_row(variant):
     L = make_layer("LSTM", True, 2, torch.float64, [3, 0, 2], T=3)
     out = fwd(K, "LSTM", L, True, variant=variant)
     check_finite(FWD_NAMES, out)
-    ref = fwd(scan_torch, "LSTM", L, True)
+    ref = fwd(loop, "LSTM", L, True)
     for o, r in zip(out, ref):
         assert rel_err(o, r) < 1e-10
     assert torch.equal(out[1][:, 1], L["h0"][:, 1]) and torch.equal(out[0][:, 1], torch.zeros_like(out[0][:, 1]))
     grads = grads_for("LSTM", *out[:3])
     g = bwd(K, "LSTM", L, grads, out[3:], variant=variant)
     check_finite(BWD_NAMES, g)
-    for o, r in zip(g, bwd(scan_torch, "LSTM", L, grads, ref[3:])):
+    for o, r in zip(g, bwd(loop, "LSTM", L, grads, ref[3:])):
         assert rel_err(o, r) < 1e-10
     assert torch.equal(g[2][:, 1], grads[1][:, 1]) and torch.equal(g[3][:, 1], grads[2][:, 1])
 
@@ -309,11 +309,11 @@ def test_allow_tf32(variant):
     interpreter computes them in float32), so only a loose tolerance holds."""
     L = make_layer("LSTM", False, 2, torch.float32, LENGTHS)
     out = fwd(K, "LSTM", L, True, variant=variant, allow_tf32=True)
-    ref = fwd(scan_torch, "LSTM", as64(L), True)
+    ref = fwd(loop, "LSTM", as64(L), True)
     assert rel_err(out[0], ref[0]) < 1e-2
     grads = grads_for("LSTM", *out[:3])
     g = bwd(K, "LSTM", L, grads, out[3:], variant=variant, allow_tf32=True)
-    gref = bwd(scan_torch, "LSTM", as64(L), tuple(x.double() for x in grads), ref[3:])
+    gref = bwd(loop, "LSTM", as64(L), tuple(x.double() for x in grads), ref[3:])
     assert rel_err(g[0], gref[0]) < 1e-2
 
 

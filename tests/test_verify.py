@@ -1,7 +1,7 @@
 """fusedrnn.verify: the comparison machinery passes correct models and catches broken ones.
 
 Most tests route backend="triton" through the fusedrnn::layer op but replace the Triton scan with
-its PyTorch twin (fusedrnn/scan_torch.py), optionally corrupted, so they test verify itself (fast,
+its PyTorch twin (fusedrnn/loop.py), optionally corrupted, so they test verify itself (fast,
 independent of the kernels' correctness). One test runs the real kernels (interpreter on CPU).
 """
 from __future__ import annotations
@@ -146,14 +146,14 @@ def _kernels_or_skip():
 
 
 def _patch_scan(monkeypatch, k, fwd_scale=1.0, bwd_scale=1.0):
-    from fusedrnn import scan_torch
+    from fusedrnn import loop
 
     def scan_forward(*args, **kwargs):
-        y, hn, cn, hp, gates, cs = scan_torch.scan_forward(*args)
+        y, hn, cn, hp, gates, cs = loop.scan_forward(*args)
         return y * fwd_scale, hn, cn, hp, gates, cs
 
     def scan_backward(*args, **kwargs):
-        dxg, dgh, dh0, dc0, dhp = scan_torch.scan_backward(*args)
+        dxg, dgh, dh0, dc0, dhp = loop.scan_backward(*args)
         if dgh is dxg:
             dxg = dgh = dxg * bwd_scale
         else:

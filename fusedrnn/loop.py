@@ -1,4 +1,4 @@
-"""The scan contract in plain PyTorch, with a hand-written backward.
+"""The scan contract in plain PyTorch, with a hand-written backward: the "loop" kernel.
 
 This is what the Triton kernels compute (``fusedrnn.kernels.scan_forward`` / ``scan_backward`` follow
 the same contract, documented in docs/design.md), written as a step loop over time. It serves as the
@@ -23,21 +23,7 @@ from __future__ import annotations
 
 import torch
 
-MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
-GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
-
-
-def work_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def saved_widths(mode, H):
-    """Widths W of `gates` and C of `cs` in the saved workspace."""
-    if mode == "LSTM":
-        return 4 * H, H
-    if mode == "GRU":
-        return 4 * H, 0
-    return H, 0
+from .spec import GATES, saved_widths, work_dtype
 
 
 def step_schedule(lengths, T, B, s, reverse, device):
