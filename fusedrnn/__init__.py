@@ -1,13 +1,21 @@
 """fusedrnn: Triton kernels for LSTM, GRU and Elman RNN layers, as drop-in torch.nn modules.
 
 Importing this package never touches a GPU and does not import Triton: the kernels load on first
-use (see fusedrnn.dispatch).
+use (see fusedrnn.dispatch). The tools (verify, bench, the command line) live in fusedrnn.tools and
+are imported only when used: `fusedrnn.verify` is the function fusedrnn.tools.verify.verify.
 """
 from .convert import convert
-from .dispatch import BACKENDS, BackendUnavailableError
+from .errors import BackendUnavailableError
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
-from .verify import verify  # after the submodule import, so the name is the function
+from .spec import BACKENDS
 
 __version__ = "0.1.0"
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "verify", "BACKENDS",
            "BackendUnavailableError"]
+
+
+def __getattr__(name):
+    if name == "verify":
+        from .tools.verify import verify
+        return verify
+    raise AttributeError(f"module 'fusedrnn' has no attribute {name!r}")

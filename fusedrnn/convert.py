@@ -6,7 +6,7 @@ import warnings
 from torch import nn
 
 from . import modules
-from .dispatch import BACKENDS, check_choice
+from .spec import BACKENDS, check_choice
 
 # Exact types only: a subclass may override forward, and replacing it would change behaviour.
 TWINS = {

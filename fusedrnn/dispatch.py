@@ -1,44 +1,37 @@
-"""Which implementation runs a layer: backend names, the FUSEDRNN_BACKEND override, and the
-choice between the stepwise and the persistent Triton kernels.
+"""Which implementation runs a layer. The rules (docs/design.md, "Dispatch"):
 
-Rules (also in docs/design.md):
-- backend "auto" (the default) is replaced by $FUSEDRNN_BACKEND when that is set.
-- "auto" then means: Triton kernels for CUDA tensors when Triton imports, otherwise "torch".
-- "torch" is torch's own fused RNN ops (what torch.nn runs). torch.compile cannot trace them, so
-  "auto" on a non-CUDA device compiles to the fusedrnn::layer op with its PyTorch implementation,
-  while an explicit "torch" under torch.compile raises.
-- An explicitly requested backend that cannot run raises; nothing falls back silently.
-- Triton kernel: "persistent" when fusedrnn.kernels.persistent_plan() can hold the layer on this
-  device, else "stepwise"; $FUSEDRNN_KERNEL (stepwise|persistent) or the module attribute `kernel`
-  overrides the choice, and an impossible override raises.
-Nothing here touches the device at import time.
+Route (what runs a module call; recorded as ``module.last_backend``):
+- The module's ``backend`` "auto" (the default) is replaced by $FUSEDRNN_BACKEND when that is set.
+- "auto" means "triton" for CUDA tensors when the Triton kernels can run there, else "torch".
+- "torch" runs torch's own fused RNN ops (what torch.nn runs: cuDNN on a GPU). torch.compile cannot
+  trace them, so under torch.compile "auto" becomes "loop": the fusedrnn::layer op with its PyTorch
+  step loop (fusedrnn/loop.py); an explicit "torch" raises there.
+- "reference" runs fusedrnn/reference.py with autograd; "triton" the fusedrnn::layer op with a
+  Triton kernel.
+- An explicitly requested backend that cannot run raises BackendUnavailableError; nothing falls
+  back silently.
+
+Kernel (which implementation of the scan runs inside the fusedrnn::layer op; ``last_kernels``):
+- "loop" for the "loop" route; on the "triton" route "persistent" when
+  fusedrnn.kernels.plan_for() can hold the layer on this device, else "stepwise".
+- The module's ``kernel`` attribute, or $FUSEDRNN_KERNEL when that is "auto", forces "stepwise" or
+  "persistent"; a persistent kernel that cannot hold the layer raises.
+
+Nothing here touches a device or imports Triton at import time.
 """
 from __future__ import annotations
 
 import functools
-import importlib
-import logging
 import os
 
-import torch
+from .errors import BackendUnavailableError
+from .spec import BACKENDS, KERNEL_CHOICES, LOOP_KERNEL, check_choice
 
-BACKENDS = ("auto", "torch", "reference", "triton")
-KERNELS = ("auto", "stepwise", "persistent")
-log = logging.getLogger("fusedrnn")
-
-
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run here."""
-
-
-def check_choice(value, choices, name):
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
+ROUTES = ("torch", "reference", "triton", "loop")
 
 
 def requested_backend(backend):
-    """The module's backend with the environment override applied to "auto"."""
+    """The module's backend with the $FUSEDRNN_BACKEND override applied to "auto"."""
     if backend == "auto":
         env = os.environ.get("FUSEDRNN_BACKEND", "").strip()
         if env:
@@ -46,42 +39,25 @@ def requested_backend(backend):
     return backend
 
 
+def interpreted():
+    """Whether Triton runs kernels through its interpreter (decided when the kernels are defined)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 @functools.lru_cache(maxsize=None)
-def _import_kernels():
-    """Import the Triton kernels once; returns (module, interpreted, error message or None)."""
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _load_kernels():
+    """Import the Triton kernels once: (module, TRITON_INTERPRET at import, error or None)."""
+    at_import = interpreted()
     try:
-        try:
-            module = importlib.import_module("fusedrnn.kernels")
-        except ModuleNotFoundError as exc:
-            if exc.name != "fusedrnn.kernels":
-                raise
-            module = _import_kernels_from_checkout()
+        from . import kernels as module
     except Exception as exc:  # noqa: BLE001 - any import failure means "Triton unusable", with why
-        return None, interpreted, f"{type(exc).__name__}: {exc}"
-    return module, interpreted, None
-
-
-def _import_kernels_from_checkout():
-    """A source checkout used without `pip install` (PYTHONPATH=.): kernels/ sits beside fusedrnn/."""
-    import importlib.util
-    import sys
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
-    init = os.path.join(path, "__init__.py")
-    if not os.path.exists(init):
-        raise ModuleNotFoundError("fusedrnn.kernels is not installed and no kernels/ directory "
-                                  "was found beside the fusedrnn package", name="fusedrnn.kernels")
-    spec = importlib.util.spec_from_file_location("fusedrnn.kernels", init,
-                                                  submodule_search_locations=[path])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fusedrnn.kernels"] = module
-    spec.loader.exec_module(module)
-    return module
+        return None, at_import, f"{type(exc).__name__}: {exc}"
+    return module, at_import, None
 
 
 def kernels():
-    """The fusedrnn.kernels module, or a BackendUnavailableError saying why not."""
-    module, _, error = _import_kernels()
+    """The fusedrnn.kernels package, or a BackendUnavailableError saying why it cannot load."""
+    module, _, error = _load_kernels()
     if module is None:
         raise BackendUnavailableError(f"backend='triton' needs Triton, which failed to import ({error})")
     return module
@@ -89,57 +65,53 @@ def kernels():
 
 def triton_problem(device):
     """None when the Triton kernels can run on `device`, else the reason they cannot."""
-    module, interpreted, error = _import_kernels()
+    module, at_import, error = _load_kernels()
     if module is None:
         return f"Triton failed to import ({error})"
     if device.type == "cuda":
-        if interpreted:
+        if at_import:
             return "TRITON_INTERPRET=1 was set when the kernels were imported; they run on CPU tensors only"
         return None
     if device.type == "cpu":
-        if interpreted:
+        if at_import:
             return None
         return ("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before fusedrnn's "
                 "kernels are first used (or move the module to a CUDA device)")
     return f"Triton kernels do not support device type {device.type!r}"
 
 
-def resolve(backend, device):
-    """Map a module's backend to the one that runs now: "torch", "reference" or "triton"."""
-    backend = requested_backend(backend)
-    if backend == "auto":
-        if device.type == "cuda" and triton_problem(device) is None:
-            return "triton"
-        return "torch"
-    if backend == "triton":
+def resolve(backend, device, compiling=False):
+    """The route of one call: "torch", "reference", "triton" or "loop" (see the module docstring)."""
+    requested = requested_backend(backend)
+    route = requested
+    if requested == "auto":
+        route = "triton" if device.type == "cuda" and triton_problem(device) is None else "torch"
+    elif requested == "triton":
         problem = triton_problem(device)
         if problem is not None:
             raise BackendUnavailableError(f"backend='triton' cannot run: {problem}")
-    return backend
+    if compiling and route == "torch":
+        if requested == "torch":
+            raise BackendUnavailableError(
+                "backend='torch' calls torch's fused RNN ops, which torch.compile cannot trace; "
+                "use backend='auto' (it compiles to the fusedrnn::layer op) or 'reference'")
+        return "loop"
+    return route
 
 
-def choose_kernel(kernel, mode, D, B, H, P, dtype, device):
-    """Pick "stepwise" or "persistent" for one layer; see the module docstring."""
+def choose_kernel(route, kernel, mode, D, B, H, P, dtype, device):
+    """The kernel of one layer on `route` ("triton" or "loop"); see the module docstring."""
+    if route == "loop":
+        return LOOP_KERNEL
     env = os.environ.get("FUSEDRNN_KERNEL", "").strip()
     if kernel == "auto" and env:
-        kernel = check_choice(env, KERNELS, "FUSEDRNN_KERNEL")
+        kernel = check_choice(env, KERNEL_CHOICES, "FUSEDRNN_KERNEL")
     if kernel == "stepwise":
         return kernel
-    num_sms, smem = _device_limits(device)
-    plan = kernels().persistent_plan(mode, D, B, H, P, dtype, num_sms, smem)
-    if plan is not None:
+    if kernels().plan_for(mode, D, B, H, P, dtype, device) is not None:
         return "persistent"
     if kernel == "persistent":
         raise BackendUnavailableError(
             f"kernel='persistent' cannot hold this layer (mode={mode}, directions={D}, batch={B}, "
             f"hidden={H}, proj={P if P != H else 0}, dtype={dtype}) on {device}; use kernel='stepwise'")
     return "stepwise"
-
-
-def _device_limits(device):
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        smem = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
-        return props.multi_processor_count, smem
-    # The interpreter runs programs one after another: a single program must cover a layer.
-    return 1, 228 * 1024

@@ -18,3 +18,7 @@ class StateRankError(RuntimeError, IndexError):
 class DtypeMismatchError(ValueError, RuntimeError):
     """Input, weights and states disagree in dtype (torch.nn: ValueError for layers, RuntimeError
     for cells and packed input)."""
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend or kernel cannot run here (the message says why)."""

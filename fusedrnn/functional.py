@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from . import reference
 from .dispatch import choose_kernel
+from .spec import GATES
 
 log = logging.getLogger("fusedrnn")
 
@@ -35,13 +36,13 @@ def _stack(tensors):
 
 
 def run_layers(mode, x, lengths, hx, weights, *, num_layers, bidirectional, dropout, training,
-               backend, kernel="auto", last_kernels=None):
-    """Run the stack. backend: "reference", "triton", or "op-torch" (the op's PyTorch implementation).
+               route, kernel="auto", last_kernels=None):
+    """Run the stack on `route` (fusedrnn.dispatch): "reference", "triton" or "loop".
 
     Returns y (T, B, D*P) and a tuple of final states shaped like hx. `last_kernels`, when a list,
     receives the kernel chosen for each layer.
     """
-    if backend == "reference":
+    if route == "reference":
         y, state = reference.rnn(mode, x, hx, weights, num_layers, bidirectional, lengths, dropout,
                                  training)
         return y, (state if mode == "LSTM" else (state,))
@@ -56,12 +57,8 @@ def run_layers(mode, x, lengths, hx, weights, *, num_layers, bidirectional, drop
         c0 = hx[1][layer * D:(layer + 1) * D] if mode == "LSTM" else None
         save = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (layer_in, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0))
-        if backend == "op-torch":
-            chosen = "torch"
-        else:
-            T, B = layer_in.shape[:2]
-            chosen = choose_kernel(kernel, mode, D, B, w_hh.shape[1] // reference.GATES[mode],
-                                   w_hh.shape[2], layer_in.dtype, layer_in.device)
+        chosen = choose_kernel(route, kernel, mode, D, layer_in.shape[1], w_hh.shape[1] // GATES[mode],
+                               w_hh.shape[2], layer_in.dtype, layer_in.device)
         if last_kernels is not None:
             last_kernels.append(chosen)
         if not torch.compiler.is_compiling():

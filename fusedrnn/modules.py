@@ -3,7 +3,8 @@
 The layers subclass torch.nn.RNNBase (parameters, state_dict, repr and flat-weight bookkeeping are
 torch's own) but not nn.LSTM/GRU/RNN, because torch.compile refuses to trace subclasses of those
 three. The cells subclass nn.LSTMCell / GRUCell / RNNCell. Modules only validate, reshape and
-dispatch; the math lives in reference.py, loop.py and the kernels.
+dispatch; the math lives in reference.py, loop.py and the kernels. Layers and cells share one
+path for checking and casting input and initial state (`_prepare_input`, `_initial_states`).
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import ops  # noqa: F401  (registers the fusedrnn:: custom ops)
 from . import reference
-from .dispatch import BACKENDS, KERNELS, BackendUnavailableError, check_choice, requested_backend, resolve
+from .dispatch import requested_backend, resolve
 from .errors import DtypeMismatchError, HiddenStatePairError, NotATensorError, StateRankError
 from .functional import layer_weights, run_layers
+from .spec import BACKENDS, KERNEL_CHOICES, check_choice
 
 
 _VF_LAYER = {"LSTM": _VF.lstm, "GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu}
@@ -87,6 +89,41 @@ def _check_input_tensor(x, expected_features, dtype):
                            f"got {x.size(-1)}")
 
 
+def _prepare_input(x, hx, weight_dtype, kind, input_size):
+    """(x in the dtype the call runs in, that dtype), after checking x against the module."""
+    dtype = _compute_dtype(x, hx, weight_dtype, kind)
+    _check_input_tensor(x, input_size, x.dtype if _autocast_on(x) else weight_dtype)
+    return (x.to(dtype) if x.dtype != dtype else x), dtype
+
+
+def _cast_weights(weights, dtype):
+    """The weights in the call's dtype (a new list only under autocast)."""
+    if all(w is None or w.dtype == dtype for w in weights):
+        return list(weights)
+    return [w if w is None else w.to(dtype) for w in weights]
+
+
+def _initial_states(name, hx, x, dtype, weight_dtype, shapes, check_rank, unbatched_dim):
+    """The initial states [h_0] or [h_0, c_0] of one call, checked and cast: zeros of `shapes`
+    when hx is None. `check_rank(state_name, tensor)` raises the module's error for a state of the
+    wrong rank; unbatched_dim, when not None, is where unbatched states get their batch dimension."""
+    if hx is None:
+        return [x.new_zeros(s) for s in shapes]
+    names = ("h_0", "c_0")[:len(shapes)]
+    states = _hx_states(name, hx, len(shapes) == 2)
+    for n, s in zip(names, states):
+        if not isinstance(s, Tensor):
+            raise NotATensorError(f"{name}: {n} must be a Tensor, got {_describe(s)}")
+        check_rank(n, s)
+    if unbatched_dim is not None:
+        states = [s.unsqueeze(unbatched_dim) for s in states]
+    if dtype != weight_dtype:
+        states = [s.to(dtype) if s.is_floating_point() else s for s in states]
+    for n, s, shape in zip(names, states, shapes):
+        _check_state(n, s, shape, x)
+    return states
+
+
 def _hx_states(name, hx, is_lstm):
     """hx as a list of tensors-to-be: [h_0] or [h_0, c_0]; structure errors raise here."""
     if is_lstm:
@@ -138,20 +175,13 @@ class _Backend:
 
     def _init_backend(self, backend, kernel="auto"):
         self.backend = check_choice(backend, BACKENDS, "backend")
-        self.kernel = check_choice(kernel, KERNELS, "kernel")
+        self.kernel = check_choice(kernel, KERNEL_CHOICES, "kernel")
         self.last_backend = None
         self.last_kernels = []
 
     def _route(self, device):
-        """The implementation that runs now: "torch", "reference", "triton" or "op-torch"."""
-        backend = resolve(self.backend, device)
-        if torch.compiler.is_compiling() and backend == "torch":
-            if self.backend == "torch":
-                raise BackendUnavailableError(
-                    "backend='torch' calls torch's fused RNN ops, which torch.compile cannot trace; "
-                    "use backend='auto' (it compiles to the fusedrnn::layer op) or 'reference'")
-            return "op-torch"
-        return backend
+        """The route of this call (fusedrnn.dispatch): "torch", "reference", "triton" or "loop"."""
+        return resolve(self.backend, device, torch.compiler.is_compiling())
 
     def _record(self, route, kernels=()):
         if not torch.compiler.is_compiling():
@@ -166,7 +196,7 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
                  dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None, *,
                  backend="auto", kernel="auto"):
         check_choice(backend, BACKENDS, "backend")
-        check_choice(kernel, KERNELS, "kernel")
+        check_choice(kernel, KERNEL_CHOICES, "kernel")
         _check_layer_args(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
                           proj_size)
         super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
@@ -205,10 +235,7 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
             is_batched = input.dim() == 3
             if not is_batched:
                 x = x.unsqueeze(0 if self.batch_first else 1)
-        dtype = _compute_dtype(x, hx, weight_dtype, self.mode)
-        _check_input_tensor(x, self.input_size, x.dtype if _autocast_on(x) else weight_dtype)
-        if x.dtype != dtype:
-            x = x.to(dtype)
+        x, dtype = _prepare_input(x, hx, weight_dtype, self.mode, self.input_size)
         if packed:
             # sorted_indices (enforce_sorted=False) gives B without reading batch_sizes' data,
             # which torch.compile could only trace as a data-dependent value.
@@ -219,32 +246,22 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
         if T == 0:
             raise RuntimeError(f"{name}: input must have a sequence length of at least 1, got 0")
 
-        # The initial state, checked against what torch.nn would accept.
-        state_dim = 3 if is_batched else 2
         shapes = [(self.num_layers * D, B, P)] + ([(self.num_layers * D, B, self.hidden_size)] if is_lstm else [])
-        names = ["h_0", "c_0"] if is_lstm else ["h_0"]
-        if hx is None:
-            states = [x.new_zeros(s) for s in shapes]
-        else:
-            states = _hx_states(name, hx, is_lstm)
-            for n, s in zip(names, states):
-                if not isinstance(s, Tensor):
-                    raise NotATensorError(f"{name}: {n} must be a Tensor, got {_describe(s)}")
-                if s.dim() != state_dim:
-                    kind = "batched 3-D" if is_batched else "unbatched 2-D"
-                    raise StateRankError(f"For {kind} input, {n} should also be {state_dim}-D but got "
-                                         f"{s.dim()}-D tensor")
-            if not is_batched:
-                states = [s.unsqueeze(1) for s in states]
-            if dtype != weight_dtype:
-                states = [s.to(dtype) if s.is_floating_point() else s for s in states]
-            for n, s, shape in zip(names, states, shapes):
-                _check_state(n, s, shape, x)
-            if sorted_indices is not None:
-                states = [s.index_select(1, sorted_indices) for s in states]
+        state_dim = 3 if is_batched else 2
+
+        def check_rank(n, s):
+            if s.dim() != state_dim:
+                kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                raise StateRankError(f"For {kind} input, {n} should also be {state_dim}-D but got "
+                                     f"{s.dim()}-D tensor")
+
+        states = _initial_states(name, hx, x, dtype, weight_dtype, shapes, check_rank,
+                                 None if is_batched else 1)
+        if hx is not None and sorted_indices is not None:
+            states = [s.index_select(1, sorted_indices) for s in states]
 
         route = self._route(x.device)
-        flat = self._flat_weights if dtype == weight_dtype else [w.to(dtype) for w in self._flat_weights]
+        flat = _cast_weights(self._flat_weights, dtype)
         with _no_autocast(x):
             if route == "torch":
                 out, *finals = self._run_torch(x, batch_sizes, states, flat)
@@ -290,7 +307,7 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
         run = "reference" if batch_sizes is None and B == 0 else route
         y, finals = run_layers(self.mode, x, lengths, tuple(states), weights,
                                num_layers=self.num_layers, bidirectional=self.bidirectional,
-                               dropout=self.dropout, training=self.training, backend=run,
+                               dropout=self.dropout, training=self.training, route=run,
                                kernel=self.kernel, last_kernels=kernels)
         if batch_sizes is not None:
             y = y.reshape(T * B, -1).index_select(0, rows)
@@ -387,32 +404,20 @@ class _FusedCell(_Backend):
         is_batched = input.dim() == 2
         x = input if is_batched else input.unsqueeze(0)
         weight_dtype = self.weight_ih.dtype
-        dtype = _compute_dtype(x, hx, weight_dtype, name)
-        _check_input_tensor(x, self.input_size, x.dtype if _autocast_on(x) else weight_dtype)
-        if x.dtype != dtype:
-            x = x.to(dtype)
+        x, dtype = _prepare_input(x, hx, weight_dtype, name, self.input_size)
         B = x.shape[0]
-        names = ["h_0", "c_0"] if is_lstm else ["h_0"]
-        if hx is None:
-            states = [x.new_zeros(B, self.hidden_size) for _ in names]
-        else:
-            states = _hx_states(name, hx, is_lstm)
-            for n, s in zip(names, states):
-                if not isinstance(s, Tensor):
-                    raise NotATensorError(f"{name}: {n} must be a Tensor, got {_describe(s)}")
-                if s.dim() not in (1, 2):
-                    raise ValueError(f"{name}: Expected {n} to be 1D or 2D, got {s.dim()}D instead")
-                if s.dim() != input.dim():
-                    raise RuntimeError(f"{name}: {n} must be {input.dim()}-D like input, got {s.dim()}-D")
-            states = [s if is_batched else s.unsqueeze(0) for s in states]
-            if dtype != weight_dtype:
-                states = [s.to(dtype) if s.is_floating_point() else s for s in states]
-            for n, s in zip(names, states):
-                _check_state(n, s, (B, self.hidden_size), x)
+
+        def check_rank(n, s):
+            if s.dim() not in (1, 2):
+                raise ValueError(f"{name}: Expected {n} to be 1D or 2D, got {s.dim()}D instead")
+            if s.dim() != input.dim():
+                raise RuntimeError(f"{name}: {n} must be {input.dim()}-D like input, got {s.dim()}-D")
+
+        shapes = [(B, self.hidden_size)] * (2 if is_lstm else 1)
+        states = _initial_states(name, hx, x, dtype, weight_dtype, shapes, check_rank,
+                                 None if is_batched else 0)
         route = self._route(x.device)
-        w = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
-        if dtype != weight_dtype:
-            w = tuple(t if t is None else t.to(dtype) for t in w)
+        w = tuple(_cast_weights((self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh), dtype))
         kernels = []
         with _no_autocast(x):
             if route == "torch":
@@ -422,7 +427,7 @@ class _FusedCell(_Backend):
             else:
                 out = run_layers(self._mode, x.unsqueeze(0), None, tuple(s.unsqueeze(0) for s in states),
                                  [w + (None,)], num_layers=1, bidirectional=False, dropout=0.0,
-                                 training=self.training, backend=route, kernel=self.kernel,
+                                 training=self.training, route=route, kernel=self.kernel,
                                  last_kernels=kernels)[1]
                 out = tuple(o.squeeze(0) for o in out)
         self._record(route, kernels)

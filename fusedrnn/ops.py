@@ -7,8 +7,8 @@ purpose: a triton_op's body is traced by the compiler, and the stepwise kernel's
 then be unrolled into the graph.
 
 The ``kernel`` argument picks the implementation of the scan contract (docs/design.md):
-"stepwise" / "persistent" run the Triton kernels, "torch" runs fusedrnn/loop.py (the
-CPU implementation, used under torch.compile on CPU). The input projection before the scan and
+"stepwise" / "persistent" run the Triton kernels, "loop" runs fusedrnn/loop.py (the PyTorch step
+loop, used under torch.compile on CPU). The input projection before the scan and
 the weight/input gradients after it are large matmuls done by torch (cuBLAS on GPU).
 
 Shapes: x (T, B, I); w_ih (D, GH, I); b_ih, b_hh (D, GH); w_hh (D, GH, P); w_hr (D, P, H);
@@ -23,19 +23,19 @@ from torch import Tensor
 
 from . import loop
 from .dispatch import kernels
-
-GATES = loop.GATES
+from .spec import GATES, LOOP_KERNEL, saved_widths, work_dtype
 
 
 def _empty(like, dtype=None):
     return like.new_empty(0, dtype=dtype)
 
 
-def _scan(kernel):
-    if kernel == "torch":
+def _scan(kernel, allow_tf32):
+    """(forward, backward, keyword arguments) of the scan implementation named by `kernel`."""
+    if kernel == LOOP_KERNEL:
         return loop.scan_forward, loop.scan_backward, {}
     k = kernels()
-    return k.scan_forward, k.scan_backward, {"variant": kernel}
+    return k.scan_forward, k.scan_backward, {"kernel": kernel, "allow_tf32": allow_tf32}
 
 
 def _input_projection(x, w_ih, b_ih):
@@ -55,9 +55,7 @@ def layer(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], w_hh: Tensor, b_hh: O
           mode: str, kernel: str, save: bool, allow_tf32: bool
           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One layer, all directions: returns y, hn, cn, and the workspace hp, gates, cs."""
-    forward, _, kw = _scan(kernel)
-    if kernel != "torch":
-        kw["allow_tf32"] = allow_tf32
+    forward, _, kw = _scan(kernel, allow_tf32)
     xg = _input_projection(x, w_ih, b_ih)
     return tuple(forward(mode, xg, w_hh.contiguous(), b_hh, w_hr, h0.contiguous(),
                          None if c0 is None else c0.contiguous(), lengths, save, **kw))
@@ -68,13 +66,13 @@ def _layer_fake(x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0, lengths, mode, kernel, 
     T, B, _ = x.shape
     D, GH, P = w_hh.shape
     H = GH // GATES[mode]
-    wdt = loop.work_dtype(x.dtype)
+    wdt = work_dtype(x.dtype)
     y = x.new_empty(T, B, D * P)
     hn = x.new_empty(D, B, P)
     cn = x.new_empty(D, B, H) if mode == "LSTM" else _empty(x)
     if not save:
         return y, hn, cn, _empty(x, wdt), _empty(x, wdt), _empty(x, wdt)
-    W, C = loop.saved_widths(mode, H)
+    W, C = saved_widths(mode, H)
     return (y, hn, cn, x.new_empty(D, T, B, P, dtype=wdt), x.new_empty(D, T, B, W, dtype=wdt),
             x.new_empty(D, T, B, C, dtype=wdt))
 
@@ -85,9 +83,7 @@ def layer_backward(dy: Tensor, dhn: Tensor, dcn: Optional[Tensor], x: Tensor, w_
                    gates: Tensor, cs: Tensor, mode: str, kernel: str, has_bias: bool,
                    allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of `layer`: dx, dw_ih, db_ih, dw_hh, db_hh, dw_hr, dh0, dc0 (empty when absent)."""
-    _, backward, kw = _scan(kernel)
-    if kernel != "torch":
-        kw["allow_tf32"] = allow_tf32
+    _, backward, kw = _scan(kernel, allow_tf32)
     dxg, dgh, dh0, dc0, dhp = backward(mode, dy.contiguous(), dhn.contiguous(),
                                        None if dcn is None else dcn.contiguous(),
                                        w_hh.contiguous(), w_hr, lengths, hp, gates, cs, **kw)

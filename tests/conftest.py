@@ -1,8 +1,9 @@
 """Shared test configuration for fusedrnn.
 
-Without CUDA, Triton kernels can only run through the Triton interpreter, so TRITON_INTERPRET=1 is
-set here at import time, before any test module imports fusedrnn.kernels (Triton reads the variable
-when a kernel is defined). A value already present in the environment wins.
+The one place that sets up the Triton interpreter: without CUDA, Triton kernels can only run
+through it, so TRITON_INTERPRET=1 is set here at import time, before any test module imports
+fusedrnn.kernels (Triton reads the variable when a kernel is defined). A value already present in
+the environment wins. Tests that run kernels take the `triton_device` fixture.
 
 Markers:
     gpu     needs CUDA; skipped automatically when it is not available
@@ -18,6 +19,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# Where the Triton kernels run in this session: CUDA, else CPU tensors through the interpreter.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else ("cpu" if INTERPRETED else None)
 
 # Tests use tiny tensors: intra-op threads only add synchronisation (10x slower on a loaded 2-core
 # CI machine). FUSEDRNN_TEST_THREADS overrides.
@@ -45,6 +49,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def triton_device():
+    """The device the Triton kernels run on here; skips on the positive sign that they cannot
+    (no CUDA and the interpreter switched off by the environment)."""
+    if TRITON_DEVICE is None:
+        pytest.skip("no CUDA and TRITON_INTERPRET=0 in the environment")
+    return TRITON_DEVICE
 
 
 @pytest.fixture(autouse=True)

@@ -22,10 +22,17 @@ def fused_class(name: str):
 
 
 def make_twin_pair(name: str, *args, backend: str = "auto", dtype=torch.float64, **kwargs):
-    """(torch.nn module, fusedrnn twin) with identical constructor arguments and weights."""
+    """(torch.nn module, fusedrnn twin) with identical constructor arguments and weights.
+
+    backend "loop" is not a user-facing backend: it forces the route torch.compile takes on CPU
+    (the fusedrnn::layer op with its PyTorch step loop) in eager mode, so that the op's own math is
+    compared with torch.nn outside a compiler too."""
     ref = getattr(nn, name)(*args, dtype=dtype, **kwargs)
-    fused = fused_class(name)(*args, dtype=dtype, backend=backend, **kwargs)
+    fused = fused_class(name)(*args, dtype=dtype, backend="auto" if backend == "loop" else backend, **kwargs)
     fused.load_state_dict(ref.state_dict(), strict=True)
+    if backend == "loop":
+        fused.__dict__["_route"] = lambda device: "loop"
+        fused.__dict__["_fast_cell"] = lambda input, hx: None
     return ref, fused
 
 

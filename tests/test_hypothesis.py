@@ -9,7 +9,6 @@ max(2e-5, 4 x torch.nn's own float32 error), i.e. never meaningfully worse than 
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 
 import pytest
@@ -18,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from conftest import rel_err
+from conftest import TRITON_DEVICE, rel_err
 from models import make_twin_pair
 from test_modules import assert_same_results, assert_same_structure, run_with_grads, state_shapes
 
@@ -91,8 +90,8 @@ def test_random_layers_triton_kernels_match_torch(cfg, kernel):
     """The same random layers through the Triton kernels (the interpreter on CPU), each schedule
     forced: tiny sizes are far from every block multiple, and all fit a single-program
     persistent plan."""
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
+    if TRITON_DEVICE is None:
+        pytest.skip("no CUDA and TRITON_INTERPRET=0 in the environment")
     got = check_layer(dict(cfg, backend="triton"), kernel=kernel)
     assert got.last_backend == "triton" and set(got.last_kernels) == {kernel}, got.last_kernels
 

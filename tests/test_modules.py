@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import os
 import pickle
 import warnings
 
@@ -32,7 +31,11 @@ from conftest import assert_close_rel
 from models import make_twin_pair
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
-CPU_BACKENDS = ("auto", "torch", "reference")
+# On CPU "auto" resolves to "torch" (tested in test_dispatch.py), so it is not repeated here. "torch"
+# checks the module wrapper around torch's op (validation, layouts, packing); "reference" and "loop"
+# (the fusedrnn::layer op with its PyTorch step loop, forced by models.make_twin_pair) are fusedrnn's
+# own math.
+CPU_BACKENDS = ("torch", "reference", "loop")
 
 # name, torch.nn class name, extra constructor kwargs, expected `mode`
 LAYER_KINDS = {
@@ -744,9 +747,7 @@ TRITON_GRID = [
 
 @pytest.mark.triton
 @pytest.mark.parametrize("kind,bidirectional,input_kind,dtype", TRITON_GRID)
-def test_layer_triton_backend(kind, bidirectional, input_kind, dtype):
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
+def test_layer_triton_backend(kind, bidirectional, input_kind, dtype, triton_device):
     name, kw, _ = LAYER_KINDS[kind]
     ref, got = make_twin_pair(name, I, 4, num_layers=2, bidirectional=bidirectional,
                               backend="triton", dtype=dtype, **kw)
@@ -758,9 +759,7 @@ def test_layer_triton_backend(kind, bidirectional, input_kind, dtype):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("kind", CELL_KINDS)
-def test_cell_triton_backend(kind):
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
+def test_cell_triton_backend(kind, triton_device):
     name, kw = CELL_KINDS[kind]
     ref, got = make_twin_pair(name, I, 4, backend="triton", dtype=torch.float32, **kw)
     x, h = torch.randn(2, I), torch.randn(2, 4)
@@ -771,10 +770,8 @@ def test_cell_triton_backend(kind):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("kind", ["GRU", "RNN_RELU", "LSTM"])
-def test_layer_triton_backend_options(kind):
+def test_layer_triton_backend_options(kind, triton_device):
     """bias=False, batch_first, no h0, eval-mode backward, dropout=1 between layers."""
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
     name, kw, _ = LAYER_KINDS[kind]
     ref, got = make_twin_pair(name, I, 4, num_layers=2, bias=False, batch_first=True,
                               dropout=1.0, backend="triton", dtype=torch.float32, **kw)
@@ -787,12 +784,10 @@ def test_layer_triton_backend_options(kind):
 
 
 @pytest.mark.triton
-def test_triton_backend_saves_nothing_without_grad(monkeypatch):
+def test_triton_backend_saves_nothing_without_grad(monkeypatch, triton_device):
     """Under no_grad / inference_mode, and when nothing requires grad, the layer asks the kernels
     for no per-step workspace (save=False: memory proportional to the output, see
     tests/test_kernels.py::test_inference_memory_does_not_grow_with_T); with grad it saves."""
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
     import fusedrnn.kernels as K
     saves = []
     real = K.scan_forward
