@@ -456,8 +456,7 @@ def _rel_error(actual, expected):
     if actual.shape != expected.shape:
         return math.inf, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a = actual.detach().to(torch.float64)
-    e = expected.detach().to(torch.float64, device=a.device) if expected.device != a.device \
-        else expected.detach().to(torch.float64)
+    e = expected.detach().to(device=a.device, dtype=torch.float64)
     a_nan, e_nan = torch.isnan(a), torch.isnan(e)
     if not torch.equal(a_nan, e_nan):
         return math.inf, f"NaN in {int(a_nan.sum())} entries, expected {int(e_nan.sum())}"
@@ -674,7 +673,7 @@ class TuneCache:
         try:
             with open(self.path, encoding="utf-8") as f:
                 text = f.read()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # nothing cached yet (or no such dir)
             return {}
         except OSError as exc:
             self._warn_once(("read", self.path), f"cannot read the cache file {self.path} ({exc}); "
