@@ -57,7 +57,7 @@ __all__ = [
     "TuneKey", "Decision", "Timing", "Tuner", "TuneCache", "CallInputs", "TuningWarning",
     "make_key", "seq_bucket", "tolerance", "compare", "can_tune", "enabled", "set_enabled",
     "get_tuner", "reset", "show_cache", "clear_cache", "cache_dir", "cache_file", "perf_clock",
-    "cuda_clock", "TOLERANCE", "TF32_TOLERANCE",
+    "cuda_clock", "cached_choice", "TOLERANCE", "TF32_TOLERANCE",
 ]
 
 # ------------------------------------------------------------------------------------ constants
@@ -1037,6 +1037,24 @@ def reset():
     global _TUNER
     with _TUNER_LOCK:
         _TUNER = None
+
+
+def _constant_result(fn):
+    # torch.compile runs such a function once while tracing and bakes its result into the graph.
+    mark = getattr(torch.compiler, "assume_constant_result", None)
+    return mark(fn) if mark is not None else fn
+
+
+@_constant_result
+def cached_choice(mode, **fields):
+    """The cached choice for the call described by make_key(mode, **fields), or None (static
+    rule): lookup only, never tuning. Safe to call while torch.compile traces (make_key and the
+    file read cannot be traced): it runs once at trace time and the answer is a constant of the
+    compiled graph, so a later tuning does not change graphs already compiled."""
+    if not enabled():
+        return None
+    decision = get_tuner().lookup(make_key(mode, **fields))
+    return decision.chosen if decision is not None else None
 
 
 SHOW_HEADER = ("layer", "chosen", "ms (median, reps) per candidate", "excluded")

@@ -506,6 +506,23 @@ def test_no_tuning_under_torch_compile():
     assert torch.equal(f(torch.zeros(2)), torch.ones(2))
 
 
+def test_cached_choice_looks_up_while_torch_compile_traces():
+    def f(x):
+        chosen = tune.cached_choice("LSTM", input_size=3, hidden_size=5, batch=x.shape[0],
+                                    seq_len=7, dtype=x.dtype, training=False, device=x.device)
+        return x + 1 if chosen == "stepwise" else x - 1
+    x = torch.zeros(4)
+    assert torch.equal(torch.compile(f, backend="eager", fullgraph=True)(x), -torch.ones(4))
+    clock = FakeClock()
+    choose(tune.get_tuner(), key(), {"cudnn": fake(clock, 2.0, GOOD), "stepwise": fake(clock, 1.0, GOOD)},
+           clock=clock)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, backend="eager", fullgraph=True)(x), torch.ones(4))
+    tune.set_enabled(False)
+    assert tune.cached_choice("LSTM", input_size=3, hidden_size=5, batch=4, seq_len=7,
+                              dtype="fp32", training=False, device="cpu") is None
+
+
 def test_no_tuning_while_a_cuda_graph_is_captured(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
