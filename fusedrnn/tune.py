@@ -42,7 +42,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Mapping, Optional
 
 import torch
 
@@ -76,12 +76,12 @@ TF32_TOLERANCE = 5e-3
 
 # Timing budget of one key, in milliseconds as the clock measures them (CUDA events in production).
 # Each candidate first runs once to produce the results that are checked; that call also compiles
-# kernels and fills caches, so its time is recorded (Timing.first_ms) but not charged to the budget.
-# Then WARMUP_CALLS warm-up calls (timed only to charge them) and the timed repetitions follow,
-# charged to the candidate's share: min(CANDIDATE_BUDGET_MS, what is left of KEY_CEILING_MS / candidates left).
-# Repetitions stop when the next one would overrun the share, after at least MIN_REPS and at most
-# MAX_REPS. So the charged time of a key stays within KEY_CEILING_MS, except that every candidate
-# always gets its warm-up and MIN_REPS timed calls (one very slow call cannot be split).
+# kernels and fills caches, so its time is recorded (Timing.first_ms) but not charged. Then come
+# WARMUP_CALLS warm-up calls and the timed repetitions, charged to the candidate's share:
+# min(CANDIDATE_BUDGET_MS, what is left of KEY_CEILING_MS / candidates left). Repetitions stop
+# when the next one would overrun the share, after at least MIN_REPS and at most MAX_REPS. So the
+# charged time of a key stays within KEY_CEILING_MS, except that every candidate always gets its
+# warm-up and MIN_REPS timed calls (one very slow call cannot be split).
 WARMUP_CALLS = 1
 MIN_REPS = 2
 MAX_REPS = 25
@@ -148,7 +148,8 @@ def _tracing_reason():
         return "tracing under torch.export"
     if torch.jit.is_scripting() or torch.jit.is_tracing():
         return "tracing under torch.jit"
-    if torch.fx._symbolic_trace.is_fx_tracing():
+    # The flag itself: is_fx_tracing() logs a deprecation warning on first use.
+    if getattr(torch.fx._symbolic_trace, "_is_fx_tracing_flag", False):
         return "tracing under torch.fx"
     # Dispatch modes that turn every new tensor into a fake or proxy one (FakeTensorMode, make_fx):
     # candidates run there would measure nothing and their "outputs" hold no values.

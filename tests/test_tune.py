@@ -498,12 +498,17 @@ def test_no_tuning_on_fake_or_meta_tensors_only_lookup(tuner):
     assert choose(tuner, key(), cands, tensors=[fake_x]).source == "cached"
 
 
-def test_no_tuning_under_torch_compile():
+def test_no_tuning_under_torch_compile_or_fx():
     def f(x):
         return x + 1 if tune.can_tune([x]) else x - 1
     compiled = torch.compile(f, backend="eager", fullgraph=True)
     assert torch.equal(compiled(torch.zeros(2)), -torch.ones(2))
     assert torch.equal(f(torch.zeros(2)), torch.ones(2))
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return f(x)
+    assert "x - 1" in torch.fx.symbolic_trace(M()).code      # torch.fx symbolic tracing too
 
 
 def test_cached_choice_looks_up_while_torch_compile_traces():
@@ -539,8 +544,10 @@ def test_cli_show_and_clear(monkeypatch, tmp_path):
 
     parser = argparse.ArgumentParser(prog="fusedrnn")
     tune_cli.add_parser(parser.add_subparsers(dest="command"))
-    run = lambda *argv: (tune_cli.cmd_tune(parser.parse_args(["tune", *argv]), out := io.StringIO()),  # noqa: E731
-                         out.getvalue())
+
+    def run(*argv):
+        out = io.StringIO()
+        return tune_cli.cmd_tune(parser.parse_args(["tune", *argv]), out), out.getvalue()
     assert "no cached decisions" in run("--show")[1]
     choose(tune.get_tuner(), key(), {"cudnn": fake(FakeClock(), 1.0, GOOD)})
     tune.reset()                                  # as a new process: read from the file
