@@ -65,10 +65,10 @@ def _compute_dtype(x, hx, weight_dtype, kind):
     return weight_dtype
 
 
-def _check_state(name, value, expected_shape, x):
+def _check_state(name, value, expected_shape, x, check_dtype=True):
     if not isinstance(value, Tensor):
         raise NotATensorError(f"{name} must be a Tensor, got {_describe(value)}")
-    if value.dtype != x.dtype:
+    if check_dtype and value.dtype != x.dtype:
         raise DtypeMismatchError(f"{name} must have the same dtype as input ({x.dtype}), got {value.dtype}")
     if value.device != x.device:
         raise RuntimeError(f"{name} must be on the same device as input ({x.device}), got {value.device}")
@@ -89,23 +89,23 @@ def _check_input_tensor(x, expected_features, dtype):
                            f"got {x.size(-1)}")
 
 
-def _prepare_input(x, hx, weight_dtype, kind, input_size):
-    """(x in the dtype the call runs in, that dtype), after checking x against the module."""
-    dtype = _compute_dtype(x, hx, weight_dtype, kind)
+def _prepare_input(x, dtype, weight_dtype, input_size):
+    """x checked against the module and cast to the call's dtype (None: leave it as given)."""
     _check_input_tensor(x, input_size, x.dtype if _autocast_on(x) else weight_dtype)
-    return (x.to(dtype) if x.dtype != dtype else x), dtype
+    return x.to(dtype) if dtype is not None and x.dtype != dtype else x
 
 
 def _cast_weights(weights, dtype):
     """The weights in the call's dtype (a new list only under autocast)."""
-    if all(w is None or w.dtype == dtype for w in weights):
+    if dtype is None or all(w is None or w.dtype == dtype for w in weights):
         return list(weights)
     return [w if w is None else w.to(dtype) for w in weights]
 
 
-def _initial_states(name, hx, x, dtype, weight_dtype, shapes, check_rank, unbatched_dim):
-    """The initial states [h_0] or [h_0, c_0] of one call, checked and cast: zeros of `shapes`
-    when hx is None. `check_rank(state_name, tensor)` raises the module's error for a state of the
+def _initial_states(name, hx, x, dtype, shapes, check_rank, unbatched_dim):
+    """The initial states [h_0] or [h_0, c_0] of one call, checked and cast to `dtype`: zeros of
+    `shapes` when hx is None. dtype None (torch's op under autocast) keeps the given dtypes, as
+    torch.nn does. `check_rank(state_name, tensor)` raises the module's error for a state of the
     wrong rank; unbatched_dim, when not None, is where unbatched states get their batch dimension."""
     if hx is None:
         return [x.new_zeros(s) for s in shapes]
@@ -117,11 +117,27 @@ def _initial_states(name, hx, x, dtype, weight_dtype, shapes, check_rank, unbatc
         check_rank(n, s)
     if unbatched_dim is not None:
         states = [s.unsqueeze(unbatched_dim) for s in states]
-    if dtype != weight_dtype:
+    if dtype is not None and _autocast_on(x):
         states = [s.to(dtype) if s.is_floating_point() else s for s in states]
     for n, s, shape in zip(names, states, shapes):
-        _check_state(n, s, shape, x)
+        _check_state(n, s, shape, x, check_dtype=dtype is not None)
     return states
+
+
+def _given_dtypes(hx, x, n):
+    """dtypes of the n given states, for the autocast probe (x's dtype where a state is missing
+    or malformed: validation reports those later)."""
+    states = list(hx) if isinstance(hx, (tuple, list)) else [hx]
+    if len(states) != n:
+        states = [None] * n
+    return tuple(s.dtype if isinstance(s, Tensor) else x.dtype for s in states)
+
+
+# Output dtypes of torch's own op under autocast, per (module kind, options, device type, autocast
+# dtype, input, state and weight dtypes): found by running the op once on a one-row, one-step
+# input. They depend on the machine (on CPU, oneDNN's bfloat16 support changes which
+# implementation torch picks), so they are measured, never tabulated.
+_AUTOCAST_PROBES = {}
 
 
 def _hx_states(name, hx, is_lstm):
@@ -171,7 +187,34 @@ def _check_layer_args(mode, input_size, hidden_size, num_layers, bias, batch_fir
 
 
 class _Backend:
-    """The `backend` and `kernel` attributes shared by layers and cells."""
+    """The `backend` and `kernel` attributes shared by layers and cells, and the dtypes of a call."""
+
+    def _call_dtypes(self, x, hx, route, weight_dtype, n_states):
+        """(compute dtype, output dtypes) of one call. Without autocast: the weights' dtype, no
+        output casts. Under autocast on the torch route: (None, None), torch's op runs under
+        autocast on the tensors as given, exactly as in torch.nn. Under autocast on any other route:
+        the output dtypes torch.nn's op gives for the same dtypes on this machine, computing in the
+        first output's dtype. Where torch's op fails for these dtypes (oneDNN on some CPUs cannot
+        build its LSTM for float32 input under bfloat16 autocast), every route casts by the rule
+        of _compute_dtype and runs."""
+        if not _autocast_on(x):
+            return weight_dtype, None
+        device_type = x.device.type
+        given = _given_dtypes(hx, x, n_states)
+        key = (self._probe_key(), device_type, torch.get_autocast_dtype(device_type), x.dtype, given,
+               weight_dtype)
+        if key not in _AUTOCAST_PROBES:
+            try:
+                with torch.no_grad():
+                    _AUTOCAST_PROBES[key] = self._probe_dtypes(x, given)
+            except RuntimeError:
+                _AUTOCAST_PROBES[key] = None
+        out = _AUTOCAST_PROBES[key]
+        if out is None:
+            return _compute_dtype(x, hx, weight_dtype, self._probe_key()[0]), None
+        if route == "torch":
+            return None, None
+        return out[0], out
 
     def _init_backend(self, backend, kernel="auto"):
         self.backend = check_choice(backend, BACKENDS, "backend")
@@ -235,7 +278,9 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
             is_batched = input.dim() == 3
             if not is_batched:
                 x = x.unsqueeze(0 if self.batch_first else 1)
-        x, dtype = _prepare_input(x, hx, weight_dtype, self.mode, self.input_size)
+        route = self._route(x.device)
+        dtype, out_dtypes = self._call_dtypes(x, hx, route, weight_dtype, 2 if is_lstm else 1)
+        x = _prepare_input(x, dtype, weight_dtype, self.input_size)
         if packed:
             # sorted_indices (enforce_sorted=False) gives B without reading batch_sizes' data,
             # which torch.compile could only trace as a data-dependent value.
@@ -255,19 +300,19 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
                 raise StateRankError(f"For {kind} input, {n} should also be {state_dim}-D but got "
                                      f"{s.dim()}-D tensor")
 
-        states = _initial_states(name, hx, x, dtype, weight_dtype, shapes, check_rank,
-                                 None if is_batched else 1)
+        states = _initial_states(name, hx, x, dtype, shapes, check_rank, None if is_batched else 1)
         if hx is not None and sorted_indices is not None:
             states = [s.index_select(1, sorted_indices) for s in states]
 
-        route = self._route(x.device)
         flat = _cast_weights(self._flat_weights, dtype)
-        with _no_autocast(x):
+        with _no_autocast(x) if dtype is not None else contextlib.nullcontext():
             if route == "torch":
                 out, *finals = self._run_torch(x, batch_sizes, states, flat)
                 kernels = ()
             else:
                 out, finals, kernels = self._run_padded(x, batch_sizes, states, flat, route, B, T)
+        if out_dtypes is not None:
+            out, *finals = (t.to(d) for t, d in zip([out, *finals], out_dtypes))
         self._record(route, kernels)
         if packed:
             finals = [f.index_select(1, unsorted_indices) if unsorted_indices is not None else f for f in finals]
@@ -279,12 +324,27 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
                 finals = [f.squeeze(1) for f in finals]
         return output, (tuple(finals) if is_lstm else finals[0])
 
-    def _run_torch(self, x, batch_sizes, states, flat):
+    def _probe_key(self):
+        return (self.mode, self.proj_size > 0)
+
+    def _probe_dtypes(self, x, state_dtypes):
+        """Output dtypes of torch's op for these dtypes under the current autocast (see
+        _call_dtypes): one step of a one-row batch."""
+        D = 2 if self.bidirectional else 1
+        P = self.proj_size if self.proj_size > 0 else self.hidden_size
+        sizes = (P, self.hidden_size)
+        xp = torch.zeros(1, 1, self.input_size, dtype=x.dtype, device=x.device)
+        states = [torch.zeros(self.num_layers * D, 1, n, dtype=dt, device=x.device)
+                  for n, dt in zip(sizes, state_dtypes)]
+        out = self._run_torch(xp, None, states, self._flat_weights, batch_first=False)
+        return tuple(t.dtype for t in out)
+
+    def _run_torch(self, x, batch_sizes, states, flat, batch_first=None):
         hx = tuple(states) if self.mode == "LSTM" else states[0]
         fn = _VF_LAYER[self.mode]
         if batch_sizes is None:
             return fn(x, hx, flat, self.bias, self.num_layers, self.dropout, self.training,
-                      self.bidirectional, self.batch_first)
+                      self.bidirectional, self.batch_first if batch_first is None else batch_first)
         return fn(x, batch_sizes, hx, flat, self.bias, self.num_layers, self.dropout, self.training,
                   self.bidirectional)
 
@@ -394,6 +454,16 @@ class _FusedCell(_Backend):
         self._record("torch")
         return out if self._mode == "LSTM" else out[0]
 
+    def _probe_key(self):
+        return (self._name, self._mode)
+
+    def _probe_dtypes(self, x, state_dtypes):
+        """Output dtypes of torch's cell op for these dtypes under the current autocast."""
+        xp = torch.zeros(1, self.input_size, dtype=x.dtype, device=x.device)
+        states = [torch.zeros(1, self.hidden_size, dtype=dt, device=x.device) for dt in state_dtypes]
+        out = self._torch_cell(xp, states, (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh))
+        return tuple(t.dtype for t in out)
+
     def _forward_cell(self, input, hx):
         name = self._name
         is_lstm = self._mode == "LSTM"
@@ -404,7 +474,9 @@ class _FusedCell(_Backend):
         is_batched = input.dim() == 2
         x = input if is_batched else input.unsqueeze(0)
         weight_dtype = self.weight_ih.dtype
-        x, dtype = _prepare_input(x, hx, weight_dtype, name, self.input_size)
+        route = self._route(x.device)
+        dtype, out_dtypes = self._call_dtypes(x, hx, route, weight_dtype, 2 if is_lstm else 1)
+        x = _prepare_input(x, dtype, weight_dtype, self.input_size)
         B = x.shape[0]
 
         def check_rank(n, s):
@@ -414,12 +486,10 @@ class _FusedCell(_Backend):
                 raise RuntimeError(f"{name}: {n} must be {input.dim()}-D like input, got {s.dim()}-D")
 
         shapes = [(B, self.hidden_size)] * (2 if is_lstm else 1)
-        states = _initial_states(name, hx, x, dtype, weight_dtype, shapes, check_rank,
-                                 None if is_batched else 0)
-        route = self._route(x.device)
+        states = _initial_states(name, hx, x, dtype, shapes, check_rank, None if is_batched else 0)
         w = tuple(_cast_weights((self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh), dtype))
         kernels = []
-        with _no_autocast(x):
+        with _no_autocast(x) if dtype is not None else contextlib.nullcontext():
             if route == "torch":
                 out = self._torch_cell(x, states, w)
             elif route == "reference" or B == 0:
@@ -430,6 +500,8 @@ class _FusedCell(_Backend):
                                  training=self.training, route=route, kernel=self.kernel,
                                  last_kernels=kernels)[1]
                 out = tuple(o.squeeze(0) for o in out)
+        if out_dtypes is not None:
+            out = tuple(t.to(d) for t, d in zip(out, out_dtypes))
         self._record(route, kernels)
         if not is_batched:
             out = tuple(o.squeeze(0) for o in out)

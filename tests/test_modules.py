@@ -671,39 +671,25 @@ def _autocast_states(name, kw, lead, dtype):
     return (h, torch.randn(lead + (H,)).to(dtype)) if name.startswith("LSTM") else h
 
 
-_F32, _BF16 = torch.float32, torch.bfloat16
-_AC_PROJ_CN = ("LSTM(proj_size=3) under CPU bf16 autocast with float32 c_0 (given, or the default "
-               "zeros for float32 input): torch.nn returns c_n in float32 (output, h_n bf16); "
-               "fusedrnn returns c_n in bfloat16")
-_AC_F32_STATES = ("{k} under CPU bf16 autocast, bfloat16 input with float32 h_0/c_0: torch.nn "
-                  "returns every output in float32 (the float32 states promote); fusedrnn returns "
-                  "bfloat16")
-_AUTOCAST_BUGS = {
-    ("LSTM_proj", _F32, None): _AC_PROJ_CN,
-    ("LSTM_proj", _F32, _F32): _AC_PROJ_CN,
-    ("LSTM_proj", _BF16, _F32): ("LSTM(proj_size=3) under CPU bf16 autocast, bfloat16 input with "
-                                 "float32 h_0/c_0: torch.nn returns c_n in float32 (output, h_n "
-                                 "bf16); fusedrnn returns all three in bfloat16"),
-    ("LSTM", _BF16, _F32): _AC_F32_STATES.format(k="LSTM"),
-}
 _AUTOCAST_CASES = [
-    pytest.param(k, dt, hd, id=f"{k}-{str(dt)[6:]}-hx_{str(hd)[6:] if hd else None}",
-                 marks=[pytest.mark.xfail(strict=True, reason=_AUTOCAST_BUGS[(k, dt, hd)])]
-                 if (k, dt, hd) in _AUTOCAST_BUGS else [])
+    pytest.param(k, dt, hd, be, id=f"{k}-{str(dt)[6:]}-hx_{str(hd)[6:] if hd else None}-{be}")
     for k in list(LAYER_KINDS) + list(CELL_KINDS)
     for dt in (torch.float32, torch.bfloat16)
-    for hd in (None, torch.float32, torch.bfloat16)]
+    for hd in (None, torch.float32, torch.bfloat16)
+    for be in CPU_BACKENDS]
 
 
-@pytest.mark.parametrize("kind,input_dtype,hx_dtype", _AUTOCAST_CASES)
-def test_autocast_bf16(kind, input_dtype, hx_dtype):
-    """Under torch.autocast("cpu", bfloat16) the twin returns the dtypes torch.nn returns and
-    values within bf16 tolerance of the float32 computation: bf16 has 8 mantissa bits
-    (eps 7.8e-3); a few roundings per step over T=4 steps stay below 5e-2 relative.
+@pytest.mark.parametrize("kind,input_dtype,hx_dtype,backend", _AUTOCAST_CASES)
+def test_autocast_bf16(kind, input_dtype, hx_dtype, backend):
+    """Under torch.autocast("cpu", bfloat16) every backend returns the dtypes torch.nn returns on
+    this machine (taken from torch.nn at run time: oneDNN's bfloat16 support changes them) and
+    values within bf16 tolerance of torch.nn's and of the float32 computation: bf16 has 8 mantissa
+    bits (eps 7.8e-3); a few roundings per step over T=4 steps stay below 5e-2 relative.
     Where torch.nn itself fails (oneDNN cannot build its LSTM primitive for float32 input under
-    autocast), there is no dtype to compare with: fusedrnn must still run and be accurate."""
+    autocast on some CPUs), there is no dtype to compare with: fusedrnn must still run and be
+    accurate."""
     name, kw = (LAYER_KINDS[kind][:2] if kind in LAYER_KINDS else CELL_KINDS[kind])
-    ref, got = make_twin_pair(name, I, H, dtype=torch.float32, **kw)
+    ref, got = make_twin_pair(name, I, H, dtype=torch.float32, backend=backend, **kw)
     layer = name in ("LSTM", "GRU", "RNN")
     x = torch.randn((T, B, I) if layer else (B, I)).to(input_dtype)
     hx = _autocast_states(name, kw, (1, B) if layer else (B,), hx_dtype)
@@ -728,6 +714,29 @@ def test_autocast_bf16(kind, input_dtype, hx_dtype):
         loss = sum(o.float().sum() for o in flatten(got(x2) if hx is None else got(x2, hx)))
     loss.backward()
     assert x2.grad is not None and torch.isfinite(x2.grad).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", list(LAYER_KINDS) + list(CELL_KINDS))
+def test_autocast_bf16_module_takes_float32_input_and_states(kind, backend):
+    """A bfloat16 module given float32 input and states under CPU bfloat16 autocast runs where
+    torch.nn runs, with torch.nn's output dtypes and values (the same rounding: torch's op or
+    the same casts), and still runs where torch.nn's op fails on this CPU."""
+    name, kw = (LAYER_KINDS[kind][:2] if kind in LAYER_KINDS else CELL_KINDS[kind])
+    ref, got = make_twin_pair(name, I, H, dtype=torch.bfloat16, backend=backend, **kw)
+    layer = name in ("LSTM", "GRU", "RNN")
+    x = torch.randn((T, B, I) if layer else (B, I))
+    hx = _autocast_states(name, kw, (1, B) if layer else (B,), torch.float32)
+    try:
+        expected = _autocast_outputs(ref, x, hx)
+    except RuntimeError:
+        expected = None
+    out = _autocast_outputs(got, x, hx)
+    if expected is not None:
+        assert [o.dtype for o in out] == [e.dtype for e in expected]
+        assert_close_rel([o.float() for o in out], [e.float() for e in expected], 5e-2, kind)
+    else:
+        assert all(torch.isfinite(o).all() for o in out)
 
 
 # ----------------------------------------------------------------------------------------------
