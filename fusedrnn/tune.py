@@ -524,16 +524,28 @@ class CallInputs:
     of tensors (None allowed).
     """
 
-    def __init__(self, tensors, *, needs_grad, seed=GRAD_SEED):
+    def __init__(self, tensors, *, needs_grad, names=None, seed=GRAD_SEED):
         self.needs_grad = _flag("needs_grad", needs_grad)
         self.tensors = tuple(tensors)
         for i, t in enumerate(self.tensors):
             if t is not None and not isinstance(t, torch.Tensor):
                 raise TypeError(f"tensors[{i}] must be a Tensor or None, got {type(t).__name__}")
+        if names is not None and len(names) != len(self.tensors):
+            raise ValueError(f"names must name each of the {len(self.tensors)} tensors, got "
+                             f"{len(names)} names")
+        self.names = tuple(names) if names is not None else tuple(f"tensors[{i}]" for i in
+                                                                    range(len(self.tensors)))
         self.requires_grad = tuple(t is not None and t.requires_grad and t.is_floating_point()
                                    for t in self.tensors)
         self.seed = seed
         self._grad_outputs = {}
+
+    def labels(self, outputs):
+        """Names of a candidate's results, for Tuner.choose(labels=...): the given output names,
+        then "grad <name>" for each tensor whose gradient is returned."""
+        grads = tuple(f"grad {n}" for n, rg in zip(self.names, self.requires_grad) if rg) \
+            if self.needs_grad else ()
+        return tuple(outputs) + grads
 
     def _grad_output(self, i, out):
         key = (i, tuple(out.shape), out.dtype, out.device)

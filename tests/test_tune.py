@@ -262,7 +262,8 @@ def test_call_inputs_compare_gradients_of_one_backward(tuner):
     x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
     w = torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float64))
     frozen = torch.randn(5, dtype=torch.float64)  # requires no grad: no gradient compared
-    call = CallInputs((x, w, frozen), needs_grad=True)
+    call = CallInputs((x, w, frozen), needs_grad=True, names=("x", "w", "b"))
+    assert call.labels(("y", "s")) == ("y", "s", "grad x", "grad w")
     cands = {"cudnn": call.candidate(lambda x, w, b: (x @ w + b, (x @ w).sum(0))),
              "stepwise": call.candidate(lambda x, w, b: ((x.unsqueeze(-1) * w).sum(1) + b,
                                                          (x @ w).sum(0))),
@@ -273,7 +274,7 @@ def test_call_inputs_compare_gradients_of_one_backward(tuner):
     assert x.grad is None and w.grad is None      # torch.autograd.grad: no .grad touched
     k = key(training=True, dtype="fp64")
     with pytest.warns(TuningWarning, match=r"'persistent'.*grad w: relative error"):
-        d = tuner.choose(k, cands, needs_grad=True, labels=("y", "s", "grad x", "grad w"))
+        d = tuner.choose(k, cands, needs_grad=True, labels=call.labels(("y", "s")))
     assert d.chosen in ("cudnn", "stepwise") and set(d.excluded) == {"persistent"}
     assert all(t.ms > 0 for t in d.timings.values())   # the default clock: perf_counter on CPU
 
@@ -285,6 +286,9 @@ def test_call_inputs_without_grad_run_under_no_grad():
     assert not y.requires_grad
     with pytest.raises(TypeError, match=r"tensors\[1\] must be a Tensor or None"):
         CallInputs((w, 3), needs_grad=False)
+    with pytest.raises(ValueError, match="names must name each of the 2 tensors"):
+        CallInputs((w, w), needs_grad=False, names=("w",))
+    assert call.labels(("y",)) == ("y",)
 
 
 def test_compare_rules():
