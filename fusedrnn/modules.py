@@ -18,13 +18,59 @@ from torch.nn.utils.rnn import PackedSequence
 from . import ops  # noqa: F401  (registers the fusedrnn:: custom ops)
 from . import reference
 from .dispatch import requested_backend, resolve
-from .errors import DtypeMismatchError, HiddenStatePairError, NotATensorError, StateRankError
+from .errors import (BadInputError, DtypeMismatchError, HiddenStatePairError, InputRankError, InputShapeError,
+                     NotATensorError, StateRankError)
 from .functional import layer_weights, run_layers
 from .spec import BACKENDS, KERNEL_CHOICES, check_choice
 
 
 _VF_LAYER = {"LSTM": _VF.lstm, "GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu}
 _NAMES = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN"}
+# torch.nn's classes as they are when fusedrnn is imported, by fusedrnn class name: later code may
+# replace the attributes of torch.nn with fusedrnn's (fusedrnn.patch_torch), and the twins and
+# base-class calls below must still reach torch's own.
+TORCH_CLASSES = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN, "LSTMCell": nn.LSTMCell,
+                 "GRUCell": nn.GRUCell, "RNNCell": nn.RNNCell}
+
+
+def torch_twin(module):
+    """A torch.nn module of the same kind sharing `module`'s state: the same Parameter objects,
+    buffers, hooks and flags (the reverse of fusedrnn.convert)."""
+    cls = TORCH_CLASSES[module._torch_name]
+    twin = cls.__new__(cls)
+    twin.__dict__.update(module.__dict__)
+    return twin
+
+
+# Depth of torch_message calls in progress; tests that watch for computation before an error skip
+# what torch.nn's own forward does while fusedrnn asks it for its message.
+PROBING_TORCH_MESSAGE = 0
+
+
+def _torch_message(module, args):
+    """torch.nn's exception message for the same call (None when torch.nn accepts it). Only called
+    once fusedrnn's own checks have rejected the call, so it costs nothing on the normal path; the
+    random state is restored, and forward hooks do not run."""
+    global PROBING_TORCH_MESSAGE
+    PROBING_TORCH_MESSAGE += 1
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch_twin(module).forward(*args)
+    except Exception as exc:  # noqa: BLE001 - whatever torch.nn raises is the message wanted
+        return str(exc)
+    finally:
+        PROBING_TORCH_MESSAGE -= 1
+    return None
+
+
+def _with_torch_message(exc, module, args):
+    """exc with torch.nn's message for the same call first and fusedrnn's after it, so that code
+    matching torch's text keeps working."""
+    ours = str(exc)
+    theirs = _torch_message(module, args)
+    if theirs and theirs not in ours:
+        exc.args = (f"{theirs}\nfusedrnn: {ours}",)
+    return exc
 
 
 def _describe(value):
@@ -71,9 +117,9 @@ def _check_state(name, value, expected_shape, x, check_dtype=True):
     if check_dtype and value.dtype != x.dtype:
         raise DtypeMismatchError(f"{name} must have the same dtype as input ({x.dtype}), got {value.dtype}")
     if value.device != x.device:
-        raise RuntimeError(f"{name} must be on the same device as input ({x.device}), got {value.device}")
+        raise InputShapeError(f"{name} must be on the same device as input ({x.device}), got {value.device}")
     if tuple(value.shape) != tuple(expected_shape):
-        raise RuntimeError(f"{name} must have shape {tuple(expected_shape)}, got {tuple(value.shape)}")
+        raise InputShapeError(f"{name} must have shape {tuple(expected_shape)}, got {tuple(value.shape)}")
 
 
 def _check_input_tensor(x, expected_features, dtype):
@@ -85,7 +131,7 @@ def _check_input_tensor(x, expected_features, dtype):
         raise DtypeMismatchError(f"input dtype ({x.dtype}) does not match weight dtype ({dtype}). "
                                  f"Convert input: input.to({dtype}), or convert model: model.to({x.dtype})")
     if x.size(-1) != expected_features:
-        raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {expected_features}, "
+        raise InputShapeError(f"input.size(-1) must be equal to input_size. Expected {expected_features}, "
                            f"got {x.size(-1)}")
 
 
@@ -170,7 +216,10 @@ def _check_layer_args(mode, input_size, hidden_size, num_layers, bias, batch_fir
                               ("num_layers", num_layers, numbers.Integral),
                               ("proj_size", proj_size, numbers.Integral)):
         if not isinstance(value, kind):
-            raise TypeError(f"{name} should be of type int, got: {type(value).__name__} ({value!r})")
+            # torch.nn's own message first: for the counts it comes from range(), not a check
+            lead = ("" if kind is int else
+                    f"'{type(value).__name__}' object cannot be interpreted as an integer: ")
+            raise TypeError(f"{lead}{name} should be of type int, got: {type(value).__name__} ({value!r})")
     for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
                         ("num_layers", num_layers)):
         if value <= 0:
@@ -256,7 +305,17 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
             d.setdefault(key, default)
         super().__setstate__(d)
 
+    @property
+    def _torch_name(self):
+        return _NAMES[self.mode]
+
     def forward(self, input, hx=None):
+        try:
+            return self._forward(input, hx)
+        except BadInputError as exc:
+            raise _with_torch_message(exc, self, (input, hx)) from None
+
+    def _forward(self, input, hx):
         self._update_flat_weights()
         name = _NAMES[self.mode]
         D = 2 if self.bidirectional else 1
@@ -267,13 +326,13 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
         if packed:
             x, batch_sizes, sorted_indices, unsorted_indices = input
             if x.dim() != 2:
-                raise RuntimeError(f"input.data of a PackedSequence must be 2-D, got {x.dim()}-D")
+                raise InputShapeError(f"input.data of a PackedSequence must be 2-D, got {x.dim()}-D")
             is_batched = True
         else:
             if not isinstance(input, Tensor):
                 raise NotATensorError(f"{name}: input must be a Tensor or PackedSequence, got {_describe(input)}")
             if input.dim() not in (2, 3):
-                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
+                raise InputRankError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
             x, batch_sizes, sorted_indices, unsorted_indices = input, None, None, None
             is_batched = input.dim() == 3
             if not is_batched:
@@ -289,7 +348,7 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
         else:
             T, B = (x.shape[1], x.shape[0]) if self.batch_first else (x.shape[0], x.shape[1])
         if T == 0:
-            raise RuntimeError(f"{name}: input must have a sequence length of at least 1, got 0")
+            raise InputShapeError(f"{name}: input must have a sequence length of at least 1, got 0")
 
         shapes = [(self.num_layers * D, B, P)] + ([(self.num_layers * D, B, self.hidden_size)] if is_lstm else [])
         state_dim = 3 if is_batched else 2
@@ -423,9 +482,18 @@ class _FusedCell(_Backend):
         super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
         self._init_backend(backend)
 
+    @property
+    def _torch_name(self):
+        return self._name
+
     def forward(self, input, hx=None):
         fast = self._fast_cell(input, hx)
-        return fast if fast is not None else self._forward_cell(input, hx)
+        if fast is not None:
+            return fast
+        try:
+            return self._forward_cell(input, hx)
+        except BadInputError as exc:
+            raise _with_torch_message(exc, self, (input, hx)) from None
 
     def _fast_cell(self, input, hx):
         """The common CPU call, checked in a few comparisons: batched input and state that are
@@ -470,7 +538,7 @@ class _FusedCell(_Backend):
         if not isinstance(input, Tensor):
             raise NotATensorError(f"{name}: input must be a Tensor, got {_describe(input)}")
         if input.dim() not in (1, 2):
-            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+            raise InputRankError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
         is_batched = input.dim() == 2
         x = input if is_batched else input.unsqueeze(0)
         weight_dtype = self.weight_ih.dtype
@@ -481,9 +549,9 @@ class _FusedCell(_Backend):
 
         def check_rank(n, s):
             if s.dim() not in (1, 2):
-                raise ValueError(f"{name}: Expected {n} to be 1D or 2D, got {s.dim()}D instead")
+                raise InputRankError(f"{name}: Expected {n} to be 1D or 2D, got {s.dim()}D instead")
             if s.dim() != input.dim():
-                raise RuntimeError(f"{name}: {n} must be {input.dim()}-D like input, got {s.dim()}-D")
+                raise InputShapeError(f"{name}: {n} must be {input.dim()}-D like input, got {s.dim()}-D")
 
         shapes = [(B, self.hidden_size)] * (2 if is_lstm else 1)
         states = _initial_states(name, hx, x, dtype, shapes, check_rank, None if is_batched else 0)
