@@ -1053,9 +1053,12 @@ def reset():
 
 
 def _constant_result(fn):
-    # torch.compile runs such a function once while tracing and bakes its result into the graph.
-    mark = getattr(torch.compiler, "assume_constant_result", None)
-    return mark(fn) if mark is not None else fn
+    """torch.compiler.assume_constant_result without its cost: torch.compile then runs `fn` once
+    while tracing and bakes its result into the graph. The public decorator imports torch._dynamo
+    (seconds, and Triton with it) only to set this one attribute, which `import fusedrnn` must not
+    pay; test_tune's compile test fails if the convention changes."""
+    fn._dynamo_marked_constant = True
+    return fn
 
 
 @_constant_result

@@ -562,3 +562,18 @@ def test_cli_show_and_clear(monkeypatch, tmp_path):
     assert "no cached decisions" in run("--show")[1]
     with pytest.raises(SystemExit):
         parser.parse_args(["tune"])               # --show or --clear is required
+
+
+def test_importing_the_tuner_loads_neither_triton_nor_dynamo():
+    import subprocess
+
+    code = ("import sys, fusedrnn; before = set(sys.modules); import fusedrnn.tune; "
+            "new = set(sys.modules) - before; "
+            "print(sorted(m for m in new if m.split('.')[0] == 'triton' or "
+            "m.startswith(('torch._dynamo', 'fusedrnn.kernels'))))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=root, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
