@@ -37,6 +37,9 @@ concatenated) is the input of layer l+1, with dropout on it (packed positions on
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 from torch import _VF
 
@@ -131,6 +134,18 @@ def _plan(bounds, sizes, B):
     return cuts[::-1]
 
 
+@contextlib.contextmanager
+def _quiet_proj(has_proj, dtype):
+    """torch's padded LSTM warns that oneDNN has no projections (fp32/half) and falls back; the
+    packed path the caller asked for never uses oneDNN, so the warning would only confuse."""
+    if not has_proj or dtype == torch.float64:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
+        yield
+
+
 def _run_direction(mode, layout, segments, x, h0, c0, weights, has_bias, training):
     """One layer, one direction, left-aligned: x (N, I) packed; h0 (1, B, P), c0 (1, B, H) or None.
 
@@ -211,7 +226,8 @@ def run_packed(mode, data, batch_sizes, hx, flat_weights, has_bias, num_layers, 
             h0k = h0[k:k + 1]
             c0k = c0[k:k + 1] if lstm else None
             x = layer_in if d == 0 else layer_in.index_select(0, layout.reverse())
-            y, hk, ck = _run_direction(mode, layout, segments, x, h0k, c0k, w, has_bias, training)
+            with _quiet_proj(per > 2 + 2 * has_bias, data.dtype):
+                y, hk, ck = _run_direction(mode, layout, segments, x, h0k, c0k, w, has_bias, training)
             outs.append(y if d == 0 else y.index_select(0, layout.reverse()))
             h_n.append(hk)
             if lstm:
