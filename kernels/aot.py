@@ -1,26 +1,36 @@
 """Ahead-of-time compilation of every kernel configuration the launchers can pick (no GPU needed).
 
 The configurations come from the launchers themselves: forward_launches / backward_launches run on
-meta tensors of a few shapes chosen to reach every block-size clamp, so this list cannot drift from
-the dispatch code; the barrier-only kernel (kernels/barrier.py) is listed once, from its own
-launcher, with the grid barrier on and an sm_90-sized grid. Used by tests/test_kernels_compile.py
-and bench/kernel_resources.py. Must run without TRITON_INTERPRET (which turns @triton.jit functions
+meta tensors (planned as an sm_90, kernels/plan.py: device_limits) of a few shapes chosen to reach
+every block-size clamp, so this list cannot drift from the launch code; the barrier-only kernel
+(kernels/barrier.py) is listed once, from its own launcher, with the grid barrier on and one
+program per SM. A launch's keyword arguments become a signature the way Triton's JIT sees them:
+heuristics applied, None arguments constexpr. Used by tests/test_kernels_compile.py and
+bench/kernel_resources.py. Must run without TRITON_INTERPRET (which turns @triton.jit functions
 into interpreter objects).
+
+    python -m fusedrnn.kernels.aot [--arch 90] [--select groups|all] ...   JSON lines, one per compile
+    python -m fusedrnn.kernels.aot --toolchain [--arch 90]                 {"problem": null | "why not"}
 """
 import itertools
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import triton
+from triton.runtime.autotuner import Heuristics
+
+from fusedrnn.spec import DTYPE_NAMES, GATES, MODES
 
 from .barrier import barrier_launch
-from .scan import GATES, MODES, backward_launches, forward_launches, persistent_plan
+from .plan import device_limits, plan_for
+from .scan import backward_launches, forward_launches
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_SIG = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-        torch.int64: "i64", torch.int32: "i32"}
+_SIG = {**DTYPE_NAMES, torch.int64: "i64", torch.int32: "i32"}
+_META = torch.device("meta")
 # (B, H, P_proj): reach every clamp of step_config / proj_config, the largest single-program
 # persistent plans (B = 64; H = 32 gated, 64 RNN; half precision at B = 16: H = 64 gated, 128 RNN)
 # and layers that need the grid barrier. Shapes a plan cannot hold for some mode / dtype are
@@ -33,9 +43,9 @@ GRID_SYNC_SHAPES = ((8, 32, 16), (8, 64, 32), (8, 128, 64), (32, 64, 32), (32, 1
 
 @dataclass(frozen=True)
 class KernelConfig:
-    kernel: object
+    kernel: object        # the @triton.jit function (heuristics already applied to constexprs)
     signature: tuple      # ((arg name, type string), ...) in argument order
-    constexprs: tuple     # ((name, value), ...)
+    constexprs: tuple     # ((name, value), ...): constexpr parameters and None arguments
     num_warps: int
     dtype: str
 
@@ -54,21 +64,39 @@ class KernelConfig:
                 f"B{c['BLOCK_B']}.H{c.get('BLOCK_H', c.get('BLOCK_P'))}.K{c['BLOCK_K']}/w{self.num_warps}")
 
 
-def _sig(fn, args, constexprs):
-    names = fn.arg_names
-    sig = []
-    for name, a in zip(names, args):
-        if isinstance(a, torch.Tensor):
-            sig.append((name, "*" + _SIG[a.dtype]))
+def jit_function(kernel):
+    """The @triton.jit function under any @triton.heuristics wrappers."""
+    while isinstance(kernel, Heuristics):
+        kernel = kernel.fn
+    return kernel
+
+
+def specialize(kernel, args):
+    """(jit function, signature, constexprs) of a keyword launch, as Triton's JIT specializes it:
+    each heuristic adds its constexpr, and a None argument is a constexpr None."""
+    args = dict(args)
+    while isinstance(kernel, Heuristics):
+        for name, rule in kernel.values.items():
+            args[name] = rule(args)
+        kernel = kernel.fn
+    sig, const = [], {}
+    for p in kernel.params:
+        if p.name not in args:
+            raise KeyError(f"{kernel.__name__}: no value for {p.name}")
+        a = args[p.name]
+        if p.is_constexpr or a is None:
+            sig.append((p.name, "constexpr"))
+            const[p.name] = a
+        elif isinstance(a, torch.Tensor):
+            sig.append((p.name, "*" + _SIG[a.dtype]))
         elif isinstance(a, bool):
-            sig.append((name, "i1"))
+            sig.append((p.name, "i1"))
         else:
-            sig.append((name, "i32"))
-    for name in names[len(args):]:
-        if name not in constexprs:
-            raise KeyError(f"{fn.__name__}: no value for {name}")
-        sig.append((name, "constexpr"))
-    return tuple(sig)
+            sig.append((p.name, "i32"))
+    unknown = set(args) - {p.name for p in kernel.params}
+    if unknown:
+        raise KeyError(f"{kernel.__name__}: no parameter {sorted(unknown)}")
+    return kernel, tuple(sig), tuple(sorted(const.items()))
 
 
 @contextmanager
@@ -94,18 +122,18 @@ def _layer(mode, dtype, B, H, P, proj, bias, lens, D=2, T=1):
         lengths=torch.empty(B, dtype=torch.int64, device="meta") if lens else None)
 
 
-def _launches_of(mode, dtype, variant, B, H, Pp, bias, lens, save, tf32):
+def _launches_of(mode, dtype, kernel, B, H, Pp, bias, lens, save, tf32):
     proj = Pp is not None and mode == "LSTM"
     P = Pp if proj else H
     L = _layer(mode, dtype, B, H, P, proj, bias, lens)
     outs, fwd, _ = forward_launches(mode, L["xg"], L["w_hh"], L["b_hh"], L["w_hr"], L["h0"], L["c0"],
-                                    L["lengths"], save, variant, tf32)
+                                    L["lengths"], save, kernel, tf32)
     fwd = list(fwd)
     bwd = []
     if save:
         y, hn, cn, hp, gates, cs = outs
         _, it, _ = backward_launches(mode, y, hn, cn if mode == "LSTM" else None, L["w_hh"], L["w_hr"],
-                                     L["lengths"], hp, gates, cs, variant, tf32)
+                                     L["lengths"], hp, gates, cs, kernel, tf32)
         bwd = list(it)
     return fwd + bwd
 
@@ -116,9 +144,13 @@ def kernel_configs(modes=MODES, dtypes=_DTYPES):
 
     def add(launches, dtype):
         for ln in launches:
-            cfg = KernelConfig(ln.kernel, _sig(ln.kernel, ln.args, ln.constexprs),
-                               tuple(sorted(ln.constexprs.items())), ln.num_warps, _SIG[dtype])
+            fn, sig, const = specialize(ln.kernel, ln.args)
+            cfg = KernelConfig(fn, sig, const, ln.num_warps, _SIG[dtype])
             seen.setdefault((cfg.name, cfg.signature, cfg.constexprs, cfg.num_warps), cfg)
+
+    def planned(mode, B, H, P, dtype, grid_sync):
+        plan = plan_for(mode, 2, B, H, P, dtype, _META)
+        return plan is not None and plan.grid_sync == grid_sync
 
     for mode, dtype in itertools.product(modes, dtypes):
         tf32s = (False,) if dtype == torch.float64 else (False, True)
@@ -127,21 +159,21 @@ def kernel_configs(modes=MODES, dtypes=_DTYPES):
                 for B, H, Pp in STEP_SHAPES:
                     add(_launches_of(mode, dtype, "stepwise", B, H, Pp if projs else None, bias, lens,
                                      save, tf32), dtype)
-                for B, H, Pp in PERSISTENT_SHAPES:
-                    P = Pp if projs and Pp is not None else H
-                    if (projs and Pp is None) or persistent_plan(mode, 2, B, H, P, dtype, 1, 1 << 20) is None:
-                        continue
-                    add(_launches_of(mode, dtype, "persistent", B, H, Pp if projs else None, bias, lens,
-                                     save, tf32), dtype)
-                with _env("FUSEDRNN_GRID_BARRIER", "1"):
-                    for B, H, Pp in GRID_SYNC_SHAPES:
-                        P = Pp if projs and mode == "LSTM" else H
-                        plan = persistent_plan(mode, 2, B, H, P, dtype, 132, 227 * 1024)
-                        if plan is None or not plan.grid_sync:
+                with _env("FUSEDRNN_GRID_BARRIER", "0"):
+                    for B, H, Pp in PERSISTENT_SHAPES:
+                        P = Pp if projs and Pp is not None else H
+                        if (projs and Pp is None) or not planned(mode, B, H, P, dtype, False):
                             continue
                         add(_launches_of(mode, dtype, "persistent", B, H, Pp if projs else None, bias,
                                          lens, save, tf32), dtype)
-    _, barrier = barrier_launch(132, 1024, "meta", grid_sync=True)
+                with _env("FUSEDRNN_GRID_BARRIER", "1"):
+                    for B, H, Pp in GRID_SYNC_SHAPES:
+                        P = Pp if projs and mode == "LSTM" else H
+                        if not planned(mode, B, H, P, dtype, True):
+                            continue
+                        add(_launches_of(mode, dtype, "persistent", B, H, Pp if projs else None, bias,
+                                         lens, save, tf32), dtype)
+    _, barrier = barrier_launch(device_limits(_META)[0], 1024, "meta", grid_sync=True)
     add([barrier], torch.int32)
     return list(seen.values())
 
@@ -154,19 +186,25 @@ def compile_config(cfg, arch=90):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": cfg.num_warps})
 
 
-def ptxas_path():
-    """The ptxas Triton's CUDA backend will use, or None."""
+def toolchain_problem(arch=90):
+    """None when this Triton can compile for sm_<arch>, else why not: no NVIDIA backend in the
+    installation, or no ptxas for the arch. Any other failure raises (it is not a missing
+    toolchain, and a test must not skip on it)."""
+    import importlib.util
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        return "this Triton has no NVIDIA backend (triton.backends.nvidia)"
+    from triton.backends.nvidia.compiler import get_ptxas
     try:
-        from triton.backends.nvidia.compiler import get_ptxas
-        p = get_ptxas()
-        return getattr(p, "path", p)
-    except Exception:
-        import shutil
-        return shutil.which("ptxas")
+        path = get_ptxas(arch).path
+    except RuntimeError as e:  # knobs.NvidiaTool: "Cannot find ptxas..."
+        if "Cannot find" in str(e):
+            return f"no ptxas for sm_{arch}: {e}"
+        raise
+    return None if os.path.exists(path) else f"ptxas for sm_{arch} not found at {path}"
 
 
 def select(configs, how="groups"):
-    """"all", or "groups": one configuration per (kernel, mode, dtype, variant, grid sync,
+    """"all", or "groups": one configuration per (kernel, mode, dtype, persistent, grid sync,
     projection, and for stepwise LSTM the dot precision), the one with the most optional features on (bias,
     lengths, save) and the largest blocks, which is the heaviest of its group."""
     if how == "all":
@@ -192,7 +230,6 @@ def cuobjdump_path():
 
 def resource_usage(cubin):
     """REG / SHARED / LOCAL / STACK of the kernel in a cubin, from cuobjdump --dump-resource-usage."""
-    import re
     import subprocess
     import tempfile
     tool = cuobjdump_path()
@@ -219,13 +256,18 @@ def _compile_index(job):
     try:
         k = compile_config(cfg, arch)
         ptx = k.asm.get("ptx", "")
-        import re
+        ttir = k.asm.get("ttir", "")
         mma = sorted(set(re.findall(r"\b(w?gmma\.\S+|mma\.sync\.aligned\.\S+)", ptx)))
         # memory-ordered global accesses (the grid barrier's release arrive / acquire polls)
         ordered = sorted(set(re.findall(r"\b((?:red|atom|ld|st)\.global\.\S*(?:release|acquire|acq_rel)\S*)",
                                         ptx)))
+        # every atomic: PTX atom / red instructions, and the TTIR atomics with their element type
+        atomics_ptx = sorted(set(re.findall(r"\b((?:atom|red)\.[\w.]+)", ptx)))
+        atomics_ttir = sorted(set(f"{op} {ty}" for op, ty in re.findall(
+            r"\b(tt\.atomic_(?:rmw|cas))\b[^\n]*?:\s*\(\s*!tt\.ptr<(\w+)>", ttir)))
         res.update(ok=True, has_ptx=bool(ptx), has_cubin=bool(k.asm.get("cubin")),
                    mma="mma.sync" in ptx, wgmma="wgmma" in ptx, mma_ops=mma, ordered_ops=ordered,
+                   atomics_ptx=atomics_ptx, atomics_ttir=atomics_ttir,
                    shared_triton=int(k.metadata.shared))
         if resources:
             res["usage"] = resource_usage(k.asm["cubin"])
@@ -256,7 +298,12 @@ def main(argv=None):
     ap.add_argument("--kernel", action="append", help="only these kernels (e.g. grid_barrier_kernel)")
     ap.add_argument("--sample", type=int, default=None, help="about this many, evenly spread")
     ap.add_argument("--jobs", type=int, default=None)
+    ap.add_argument("--toolchain", action="store_true",
+                    help="only say whether sm_<arch> can be compiled for: {\"problem\": null or the reason}")
     args = ap.parse_args(argv)
+    if args.toolchain:
+        print(json.dumps({"problem": toolchain_problem((args.arch or [90])[0])}), flush=True)
+        return
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces @triton.jit functions")
     configs = select(kernel_configs(), args.select)

@@ -12,27 +12,27 @@ Usage:
 Every program must be resident at once (n_programs <= the device's SMs). The Triton interpreter
 runs programs one after another, so there it takes one program per direction.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .common import step_barrier
-from .scan import MAX_SPIN, Launch, _device_limits, _run
+from .common import MAX_SPIN, step_barrier
+from .launch import Launch, interpreted, run
+from .plan import device_limits
 
 
 # n_steps = 1 and 1024 must run the same binary for their difference to be the barrier's cost
 # (Triton would otherwise specialize the 1 into a constant).
 @triton.jit(do_not_specialize=["n_steps"])
 def grid_barrier_kernel(p_sync, n_steps, D, GRID_SYNC: tl.constexpr, MAX_SPIN: tl.constexpr):
+    """n_steps calls of step_barrier, exactly as the persistent scan kernels make them."""
     pid_d = tl.program_id(0)
     n_prog = tl.num_programs(1) * tl.num_programs(2)
     ok = pid_d * 0 + 1
     n_sync = pid_d * 0
     for s in range(0, n_steps):
         n_sync += 1
-        ok = step_barrier(p_sync + pid_d, p_sync + D, n_prog * n_sync, ok, GRID_SYNC, MAX_SPIN)
+        ok = step_barrier(p_sync, pid_d, D, n_prog * n_sync, ok, GRID_SYNC, MAX_SPIN)
 
 
 def _int_arg(name, value, lo, hi=None):
@@ -61,7 +61,7 @@ def barrier_launch(n_programs, n_steps, device, directions=1, grid_sync=True, nu
                          f"counter), got {per_dir} * {n_steps}")
     device = torch.device(device)
     if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
+        if not interpreted():
             raise ValueError("device is cpu: the barrier kernel needs CUDA (or TRITON_INTERPRET=1, "
                              "one program per direction)")
         if per_dir != 1:
@@ -71,19 +71,20 @@ def barrier_launch(n_programs, n_steps, device, directions=1, grid_sync=True, nu
     elif device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device is cuda but CUDA is not available")
-        num_sms = _device_limits(device)[0]
+        num_sms = device_limits(device)[0]
         if n_programs > num_sms:
             raise ValueError(f"n_programs must be <= {num_sms} (the device's multiprocessors, so that "
                              f"every program is resident), got {n_programs}")
     elif device.type == "meta":
-        num_sms = _device_limits(device)[0]
+        num_sms = device_limits(device)[0]
         if n_programs > num_sms:
             raise ValueError(f"n_programs must be <= {num_sms} on meta (sm_90-sized), got {n_programs}")
     else:
         raise ValueError(f"device must be cuda (or cpu with TRITON_INTERPRET=1), got {device}")
     sync = torch.zeros(directions + 1, dtype=torch.int32, device=device)
-    launch = Launch(grid_barrier_kernel, (directions, 1, per_dir), (sync, n_steps, directions),
-                    dict(GRID_SYNC=grid_sync, MAX_SPIN=int(MAX_SPIN.value)), num_warps)
+    launch = Launch(grid_barrier_kernel, (directions, 1, per_dir),
+                    dict(p_sync=sync, n_steps=n_steps, D=directions, GRID_SYNC=grid_sync,
+                         MAX_SPIN=int(MAX_SPIN.value)), num_warps)
     return sync, launch
 
 
@@ -102,7 +103,7 @@ def grid_barrier(n_programs, n_steps, device="cuda", *, directions=1, grid_sync=
     the (directions + 1,) int32 sync tensor. check=False skips the flag read (no host sync; for
     timing) and leaves check_barrier to the caller."""
     sync, launch = barrier_launch(n_programs, n_steps, device, directions, grid_sync, num_warps)
-    _run([launch])
+    run([launch])
     if check:
         check_barrier(sync, directions)
     return sync

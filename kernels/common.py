@@ -1,14 +1,22 @@
-"""Helpers shared by the step kernels of every family.
+"""Device functions shared by the kernels: gate tiles, the dots, row liveness, the step barrier.
 
 Shape legend:
     D directions  T steps  B batch  H hidden  P state (proj_size, or H)  G gates  GH = G * H
     offs_b / mask_b (BLOCK_B,) batch rows of this program; offs_u / mask_u (BLOCK_U,) its units
     t (BLOCK_B,) int64 time index of each row at step s; live (BLOCK_B,) row s < lengths[b]
+    gate tiles x0..x3: tile g of a gate-blocked tensor sits at p + g * stride (stride H for the
+                   activations and the workspace, H * P for W_hh); a cell with N < 4 tiles
+                   gets tile 0 again in the unused slots, which no cell reads (the compiler
+                   drops them), so every cell handles its gates through the same four names
     dghbuf (2, D, B, GH)  ping-pong: hidden-side pre-activation gradients of the last step
     carry  (2, D, B, P)   ping-pong: the part of dh_{t-1} that does not go through W_hh
+    sync   (D + 1,) int32 grid barrier: arrive counter per direction, then the error flag
 """
 import triton
 import triton.language as tl
+
+# Bounded spin of the grid barrier: ~1e8 polls is seconds, far beyond any real step.
+MAX_SPIN = tl.constexpr(100_000_000)
 
 
 @triton.jit
@@ -49,6 +57,67 @@ def mdot(b_w, b_x, acc, PREC: tl.constexpr):
 
 
 @triton.jit
+def load_gates(p, stride, mask, N: tl.constexpr, CDT: tl.constexpr):
+    """The N (1, 3 or 4) gate tiles at p + g * stride, converted to CDT."""
+    x0 = tl.load(p, mask=mask, other=0.0).to(CDT)
+    x1 = x0
+    x2 = x0
+    x3 = x0
+    if N > 1:
+        x1 = tl.load(p + stride, mask=mask, other=0.0).to(CDT)
+        x2 = tl.load(p + 2 * stride, mask=mask, other=0.0).to(CDT)
+    if N > 3:
+        x3 = tl.load(p + 3 * stride, mask=mask, other=0.0).to(CDT)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def load_gate_weights(p, stride, mask, N: tl.constexpr, CDT: tl.constexpr, PREC: tl.constexpr):
+    """The N weight tiles at p + g * stride, as wload keeps them."""
+    w0 = wload(p, mask, CDT, PREC)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    if N > 1:
+        w1 = wload(p + stride, mask, CDT, PREC)
+        w2 = wload(p + 2 * stride, mask, CDT, PREC)
+    if N > 3:
+        w3 = wload(p + 3 * stride, mask, CDT, PREC)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def dot_gates(w0, w1, w2, w3, b_x, a0, a1, a2, a3, N: tl.constexpr, PREC: tl.constexpr):
+    """a_g + w_g @ b_x for the N gates (mdot)."""
+    a0 = mdot(w0, b_x, a0, PREC)
+    if N > 1:
+        a1 = mdot(w1, b_x, a1, PREC)
+        a2 = mdot(w2, b_x, a2, PREC)
+    if N > 3:
+        a3 = mdot(w3, b_x, a3, PREC)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def store_gates(p, stride, mask, N: tl.constexpr, x0, x1, x2, x3):
+    """Store the N gate tiles at p + g * stride in p's element type."""
+    ODT = p.dtype.element_ty
+    tl.store(p, x0.to(ODT), mask=mask)
+    if N > 1:
+        tl.store(p + stride, x1.to(ODT), mask=mask)
+        tl.store(p + 2 * stride, x2.to(ODT), mask=mask)
+    if N > 3:
+        tl.store(p + 3 * stride, x3.to(ODT), mask=mask)
+
+
+@triton.jit
+def store_live_gates(p, stride, mask, live, N: tl.constexpr, x0, x1, x2, x3):
+    """store_gates with zeros where `live` is false (dead rows, padded positions)."""
+    store_gates(p, stride, mask, N, tl.where(live, x0, 0.0), tl.where(live, x1, 0.0),
+                tl.where(live, x2, 0.0), tl.where(live, x3, 0.0))
+
+
+@triton.jit
 def row_time(s, T, offs_b, mask_b, p_len, REVERSE, HAS_LEN: tl.constexpr):
     """Each row's time index at step s. The reverse direction walks each sequence backwards within
     its own length; a dead row (s >= length) points at the padded position t = s, so every (t, b)
@@ -85,7 +154,8 @@ def bwd_dh_carry(
     carry_{s+1} + dgh_{s+1} W_hh[:, u]. Dead rows of step s+1 wrote dgh = 0 and carry = dh, so the
     same formula passes their gradient through. Reduces over all GH rows in BLOCK_K chunks per
     gate; when HOIST the per-gate (BLOCK_U, BLOCK_K >= H) weight tiles w0..w3 are already in
-    registers. No atomics: each output element is owned by exactly one program."""
+    registers (otherwise they are None and the weights stream from p_whh). No atomics: each
+    output element is owned by exactly one program."""
     CDT = p_carry.dtype.element_ty
     o_state = offs_b[None, :] * P + offs_u[:, None]
     mask_ub = mask_u[:, None] & mask_b[None, :]
@@ -122,15 +192,18 @@ def bwd_dh_carry(
 
 
 @triton.jit
-def step_barrier(p_count, p_err, target, ok, GRID_SYNC: tl.constexpr, MAX_SPIN: tl.constexpr):
+def step_barrier(p_sync, pid_d, D, target, ok, GRID_SYNC: tl.constexpr, MAX_SPIN: tl.constexpr):
     """End of a persistent step. One program per direction: a CTA barrier makes this program's
     global writes visible to its own threads (a no-op in the interpreter, which runs threads in
-    lock step). Several programs (GRID_SYNC): a grid barrier on a monotonic arrive counter, target
-    = programs * steps so far. The spin is bounded: on timeout it raises the error flag and stops
-    waiting for the rest of the launch (ok = 0), so a broken co-residency never hangs the GPU; the
-    launcher checks the flag and raises."""
+    lock step); p_sync may be None. Several programs (GRID_SYNC): a grid barrier on direction
+    pid_d's monotonic arrive counter p_sync[pid_d], target = programs * steps so far. The spin is
+    bounded: on timeout it raises the error flag p_sync[D] and stops waiting for the rest of the
+    launch (ok = 0), so a broken co-residency never hangs the GPU; the launcher checks the flag
+    and raises."""
     tl.debug_barrier()
     if GRID_SYNC:
+        p_count = p_sync + pid_d
+        p_err = p_sync + D
         if ok != 0:
             # Release publishes the whole CTA's writes: the debug_barrier above ordered them before
             # this (scalar, single-thread) atomic.

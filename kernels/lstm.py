@@ -1,10 +1,12 @@
-"""LSTM: the pointwise cell update and its gradient, and the projection (proj_size) kernels.
+"""LSTM: the pointwise cell update and its gradient, and the projection (proj_size) steps.
 
 Shape legend (all tiles are [units, batch]: hidden units on the M side of every dot, so that the
 weight rows fill the tensor-core M dimension even at batch 1):
     D directions  T steps  B batch  H hidden  P state (proj_size, or H)  GH = 4H
     x_*, hh_*, c_prev, dh, dc, i, f, g, o   (BLOCK_H, BLOCK_B) float32 (float64 for float64 layers)
     w_hr (D, P, H)   hraw (D, B, H) = o * tanh(c) before the projection
+The projection steps run as their own stepwise launches (kernels/scan.py: lstm_proj_fwd_kernel,
+lstm_proj_bwd_kernel) or inside the persistent scan kernels after a barrier.
 """
 import triton
 import triton.language as tl
@@ -98,7 +100,7 @@ def lstm_proj_bwd_step(
     mask_pb = mask_p[:, None] & mask_b[None, :]
     o_state = offs_b[None, :] * P + offs_p[:, None]
     dh = bwd_dh_carry(s, pid_d, offs_p, mask_p, offs_b, mask_b, T, B, H, P, D, 4,
-                      p_dhn, p_whh, p_dghbuf, p_carry, p_whh, p_whh, p_whh, p_whh,
+                      p_dhn, p_whh, p_dghbuf, p_carry, None, None, None, None,
                       False, BLOCK_K, PREC, CACHE)
     if s >= 0:
         t, live = row_time(s, T, offs_b, mask_b, p_len, pid_d == 1, HAS_LEN)
@@ -113,27 +115,3 @@ def lstm_proj_bwd_step(
         tl.store(p_carry + ((s % 2) * D + pid_d) * B * P + o_state, tl.where(live2, 0.0, dh), mask=mask_pb)
     else:
         tl.store(p_dh0 + pid_d * B * P + o_state, dh.to(p_dh0.dtype.element_ty), mask=mask_pb)
-
-
-@triton.jit(do_not_specialize=["s"])  # s changes every launch (see scan_fwd_kernel)
-def lstm_proj_fwd_kernel(
-    p_hraw, p_whr, p_h0, p_hst, p_y, p_hn, p_len,
-    s, T, B, H, P, D,
-    HAS_LEN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    lstm_proj_fwd_step(s, tl.program_id(0), tl.program_id(1), tl.program_id(2), T, B, H, P, D,
-                       p_hraw, p_whr, p_h0, p_hst, p_y, p_hn, p_len,
-                       HAS_LEN, BLOCK_B, BLOCK_P, BLOCK_K, PREC, "")
-
-
-@triton.jit(do_not_specialize=["s"])
-def lstm_proj_bwd_kernel(
-    p_dy, p_dhn, p_whh, p_len, p_dghbuf, p_carry, p_dhtot, p_dhp, p_dh0,
-    s, T, B, H, P, D,
-    HAS_LEN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    lstm_proj_bwd_step(s, tl.program_id(0), tl.program_id(1), tl.program_id(2), T, B, H, P, D,
-                       p_dy, p_dhn, p_whh, p_len, p_dghbuf, p_carry, p_dhtot, p_dhp, p_dh0,
-                       HAS_LEN, BLOCK_B, BLOCK_P, BLOCK_K, PREC, "")

@@ -1,21 +1,21 @@
 """fusedrnn.kernels (Triton) against fusedrnn.loop, the same scan contract in PyTorch.
 
-Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before Triton is
-imported): every program runs in Python, ~0.05-0.3 s per launch, so shapes are tiny (T <= 4, B <= 3,
-H <= 5 except where a test needs more) and the dtype matrix is sampled: the full mode x direction x
-lengths x save x variant matrix in float64 and float32, a subset in float16 / bfloat16.
+Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+before anything imports them): every program runs in Python, ~0.05-0.3 s per launch, so shapes are
+tiny (T <= 4, B <= 3, H <= 5 except where a test needs more) and the dtype matrix is sampled: the
+full mode x direction x lengths x save x kernel matrix in float64 and float32, a subset in
+float16 / bfloat16.
 """
 import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-import fusedrnn.kernels as K  # noqa: E402
-from fusedrnn import loop  # noqa: E402
+import fusedrnn.kernels as K
+from fusedrnn import loop
+from fusedrnn.kernels import plan as kplan
+from fusedrnn.kernels import scan as kscan
+from fusedrnn.spec import GATES
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.triton
@@ -46,7 +46,7 @@ def rel_err(a, b):
 def make_layer(mode, proj, D, dtype, lengths=None, scale=1.0, T=T, B=B, H=H, seed=0):
     """Inputs in `dtype`, drawn in float64 so every dtype sees the same values (up to rounding)."""
     g = torch.Generator().manual_seed(seed)
-    G = K.GATES[mode]
+    G = GATES[mode]
     P = P_PROJ if proj else H
 
     def r(*shape, s=1.0):
@@ -95,18 +95,18 @@ def check_finite(names, outs):
 # float64 / float32: the full matrix, against loop in float64
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant", ["stepwise", "persistent"])
+@pytest.mark.parametrize("kernel", ["stepwise", "persistent"])
 @pytest.mark.parametrize("save", [True, False], ids=["save", "nosave"])
 @pytest.mark.parametrize("lengths", [None, LENGTHS], ids=["full", "lengths"])
 @pytest.mark.parametrize("D", [1, 2])
 @pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_matches_scan_torch(dtype, cell, D, lengths, save, variant):
+def test_matches_scan_torch(dtype, cell, D, lengths, save, kernel):
     mode, proj = cell
     L = make_layer(mode, proj, D, dtype, lengths)
     L64 = as64(L)
     n0 = K.launch_count()
-    out = fwd(K, mode, L, save, variant=variant)
+    out = fwd(K, mode, L, save, kernel=kernel)
     assert K.launch_count() > n0, "no kernel ran"
     ref = fwd(loop, mode, L64, True)
     check_finite(FWD_NAMES, out)
@@ -126,7 +126,7 @@ def test_matches_scan_torch(dtype, cell, D, lengths, save, variant):
 
     grads = grads_for(mode, *out[:3])
     n0 = K.launch_count()
-    g = bwd(K, mode, L, grads, out[3:], variant=variant)
+    g = bwd(K, mode, L, grads, out[3:], kernel=kernel)
     assert K.launch_count() > n0, "no kernel ran"
     # the reference backward runs on the reference workspace: the comparison is end to end
     gref = bwd(loop, mode, L64, tuple(x.double() if x is not None else None for x in grads), ref[3:])
@@ -157,10 +157,10 @@ def baseline_err(torch_out, r64):
     return err
 
 
-@pytest.mark.parametrize("variant", ["stepwise", "persistent"])
+@pytest.mark.parametrize("kernel", ["stepwise", "persistent"])
 @pytest.mark.parametrize("cell", CELLS[:4], ids=CELL_IDS[:4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-def test_half_precision(dtype, cell, variant):
+def test_half_precision(dtype, cell, kernel):
     """Inputs and outputs in half precision, state and dots in float32 (as loop). The
     reference is the float64 scan of the same (rounded) inputs; loop run in `dtype` shows
     what rounding the outputs alone costs. Our error may exceed it by 1.5x (summation order and
@@ -170,7 +170,7 @@ def test_half_precision(dtype, cell, variant):
     D = 2
     L = make_layer(mode, proj, D, dtype, LENGTHS)
     L64 = as64(L)
-    out = fwd(K, mode, L, True, variant=variant)
+    out = fwd(K, mode, L, True, kernel=kernel)
     check_finite(FWD_NAMES, out)
     ref64 = fwd(loop, mode, L64, True)
     ref_dt = fwd(loop, mode, L, True)
@@ -181,7 +181,7 @@ def test_half_precision(dtype, cell, variant):
             base = baseline_err(rdt, r64)
             assert rel_err(o, r64) <= 1.5 * base + floor, f"{name}: ours {rel_err(o, r64):.2e} torch {base:.2e}"
     grads = grads_for(mode, *out[:3])
-    g = bwd(K, mode, L, grads, out[3:], variant=variant)
+    g = bwd(K, mode, L, grads, out[3:], kernel=kernel)
     check_finite(BWD_NAMES, g)
     g64 = bwd(loop, mode, L64, tuple(x.double() if x is not None else None for x in grads), ref64[3:])
     gdt = bwd(loop, mode, L, grads, ref_dt[3:])
@@ -192,10 +192,10 @@ def test_half_precision(dtype, cell, variant):
             assert rel_err(o, r64) <= 1.5 * base + floor, f"{name}: ours {rel_err(o, r64):.2e} torch {base:.2e}"
 
 
-@pytest.mark.parametrize("variant", ["stepwise", "persistent"])
+@pytest.mark.parametrize("kernel", ["stepwise", "persistent"])
 @pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-def test_half_precision_state_stays_float32_accurate(dtype, cell, variant):
+def test_half_precision_state_stays_float32_accurate(dtype, cell, kernel):
     """Half-precision layers run their recurrent dots on tensor cores as two products (state split
     into hi + lo halves, kernels/common.py: mdot), so the float32 state and workspace must track
     the float64 scan of the same inputs to ~eps^2, not eps: a kernel that rounded the state to
@@ -206,8 +206,8 @@ def test_half_precision_state_stays_float32_accurate(dtype, cell, variant):
     exact gradient (the float64 backward on the kernel's own workspace) once: at most 1.1x it
     (measured 1.00-1.02x); split-free half-precision dots would add errors of the same size."""
     mode, proj = cell
-    assert K.scan._precision(dtype, False, torch.device(DEVICE)) in ("x2", "x2emu")
-    check_half_state(dtype, mode, proj, variant, H=20)
+    assert kplan.dot_precision(dtype, False, DEVICE) in ("x2", "x2emu")
+    check_half_state(dtype, mode, proj, kernel, H=20)
 
 
 @pytest.mark.parametrize("mode, H", [("LSTM", 50), ("GRU", 50), ("RNN_TANH", 100)])
@@ -223,10 +223,10 @@ def test_persistent_half_precision_wide_single_program(dtype, mode, H):
     check_half_state(dtype, mode, False, "persistent", H=H)
 
 
-def check_half_state(dtype, mode, proj, variant, H):
+def check_half_state(dtype, mode, proj, kernel, H):
     L = make_layer(mode, proj, 2, dtype, LENGTHS, T=6, B=3, H=H)
     n0 = K.launch_count()
-    out = fwd(K, mode, L, True, variant=variant)
+    out = fwd(K, mode, L, True, kernel=kernel)
     assert K.launch_count() > n0, "no kernel ran"
     ref = fwd(loop, mode, as64(L), True)
     bound = 4 * torch.finfo(dtype).eps ** 2
@@ -235,7 +235,7 @@ def check_half_state(dtype, mode, proj, variant, H):
             assert o.dtype == torch.float32
             assert rel_err(o, r) < bound, f"{name}: {rel_err(o, r):.2e} >= {bound:.1e}"
     grads = grads_for(mode, *out[:3])
-    g = bwd(K, mode, L, grads, out[3:], variant=variant)
+    g = bwd(K, mode, L, grads, out[3:], kernel=kernel)
     check_finite(BWD_NAMES, g)
     g64 = bwd(loop, mode, as64(L), tuple(x.double() if x is not None else None for x in grads),
               tuple(w.double() for w in out[3:]))
@@ -271,18 +271,18 @@ def test_saturated_activations(cell):
     assert rel_err(out[0], ref[0]) < 1e-5
 
 
-@pytest.mark.parametrize("variant", ["stepwise", "persistent"])
-def test_zero_length_row(variant):
+@pytest.mark.parametrize("kernel", ["stepwise", "persistent"])
+def test_zero_length_row(kernel):
     """A row of length 0 is never live: hn = h0, cn = c0, y all zeros, dh0 = dhn, dc0 = dcn."""
     L = make_layer("LSTM", True, 2, torch.float64, [3, 0, 2], T=3)
-    out = fwd(K, "LSTM", L, True, variant=variant)
+    out = fwd(K, "LSTM", L, True, kernel=kernel)
     check_finite(FWD_NAMES, out)
     ref = fwd(loop, "LSTM", L, True)
     for o, r in zip(out, ref):
         assert rel_err(o, r) < 1e-10
     assert torch.equal(out[1][:, 1], L["h0"][:, 1]) and torch.equal(out[0][:, 1], torch.zeros_like(out[0][:, 1]))
     grads = grads_for("LSTM", *out[:3])
-    g = bwd(K, "LSTM", L, grads, out[3:], variant=variant)
+    g = bwd(K, "LSTM", L, grads, out[3:], kernel=kernel)
     check_finite(BWD_NAMES, g)
     for o, r in zip(g, bwd(loop, "LSTM", L, grads, ref[3:])):
         assert rel_err(o, r) < 1e-10
@@ -303,53 +303,53 @@ def test_deterministic(cell):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("variant", ["stepwise", "persistent"])
-def test_allow_tf32(variant):
+@pytest.mark.parametrize("kernel", ["stepwise", "persistent"])
+def test_allow_tf32(kernel):
     """allow_tf32 selects tf32 dots (10-bit mantissa inputs, ~1e-3 relative per dot on the GPU; the
     interpreter computes them in float32), so only a loose tolerance holds."""
     L = make_layer("LSTM", False, 2, torch.float32, LENGTHS)
-    out = fwd(K, "LSTM", L, True, variant=variant, allow_tf32=True)
+    out = fwd(K, "LSTM", L, True, kernel=kernel, allow_tf32=True)
     ref = fwd(loop, "LSTM", as64(L), True)
     assert rel_err(out[0], ref[0]) < 1e-2
     grads = grads_for("LSTM", *out[:3])
-    g = bwd(K, "LSTM", L, grads, out[3:], variant=variant, allow_tf32=True)
+    g = bwd(K, "LSTM", L, grads, out[3:], kernel=kernel, allow_tf32=True)
     gref = bwd(loop, "LSTM", as64(L), tuple(x.double() for x in grads), ref[3:])
     assert rel_err(g[0], gref[0]) < 1e-2
 
 
 def test_persistent_launches_do_not_grow_with_T():
-    """The persistent variant runs the time loop inside the kernel: T=4 and T=12 make the same number
+    """The persistent kernel runs the time loop inside the kernel: T=4 and T=12 make the same number
     of launches, for the forward and for forward + backward."""
     counts = []
     for steps in (4, 12):
         L = make_layer("RNN_TANH", False, 1, torch.float32, T=steps, B=2, H=3)
         n0 = K.launch_count()
-        out = fwd(K, "RNN_TANH", L, True, variant="persistent")
+        out = fwd(K, "RNN_TANH", L, True, kernel="persistent")
         n1 = K.launch_count()
-        bwd(K, "RNN_TANH", L, grads_for("RNN_TANH", *out[:3]), out[3:], variant="persistent")
+        bwd(K, "RNN_TANH", L, grads_for("RNN_TANH", *out[:3]), out[3:], kernel="persistent")
         counts.append((n1 - n0, K.launch_count() - n0))
     assert counts[0] == counts[1], counts
     assert counts[0] == (1, 2)
 
 
-@pytest.mark.parametrize("variant", ["stepwise", "persistent"])
+@pytest.mark.parametrize("kernel", ["stepwise", "persistent"])
 @pytest.mark.parametrize("mode, proj", [("LSTM", False), ("LSTM", True), ("GRU", False)])
-def test_inference_memory_does_not_grow_with_T(mode, proj, variant):
+def test_inference_memory_does_not_grow_with_T(mode, proj, kernel):
     """save=False (no_grad / inference) allocates the outputs and T-independent state buffers
     only: at T = 10,000 every tensor the launcher allocates, except y (T, B, D*P), has the same
     size as at T = 10. Meta tensors: the launcher's own allocations, nothing runs."""
     def allocated(T):
-        G, D, B, Hh, P = K.GATES[mode], 2, 8, 32, 16 if proj else 32
+        G, D, B, Hh, P = GATES[mode], 2, 8, 32, 16 if proj else 32
         m = dict(device="meta", dtype=torch.bfloat16)
         xg, w_hh = torch.empty(D, T, B, G * Hh, **m), torch.empty(D, G * Hh, P, **m)
         w_hr = torch.empty(D, P, Hh, **m) if proj else None
         h0, c0 = torch.empty(D, B, P, **m), torch.empty(D, B, Hh, **m) if mode == "LSTM" else None
-        outs, launches, _ = K.scan.forward_launches(mode, xg, w_hh, None, w_hr, h0, c0, None, False,
-                                                    variant, False)
+        outs, launches, _ = kscan.forward_launches(mode, xg, w_hh, None, w_hr, h0, c0, None, False,
+                                                   kernel, False)
         inputs = {id(t) for t in (xg, w_hh, w_hr, h0, c0) if t is not None}
         seen = {}
         for ln in launches:
-            for a in ln.args:
+            for a in ln.args.values():
                 if isinstance(a, torch.Tensor) and id(a) not in inputs:
                     seen[id(a)] = a
             break  # the stepwise launches differ only in the step index
@@ -395,7 +395,7 @@ def test_persistent_plan():
             os.environ["FUSEDRNN_GRID_BARRIER"] = old
     with pytest.raises(ValueError, match="persistent"):
         L = make_layer("RNN_TANH", False, 1, torch.float32, B=2, H=300, T=1)
-        fwd(K, "RNN_TANH", L, False, variant="persistent")
+        fwd(K, "RNN_TANH", L, False, kernel="persistent")
 
 
 def _misuse_cases():
@@ -434,8 +434,8 @@ def test_misuse_raises_value_error_before_launch():
     L = base()
     with pytest.raises(ValueError, match="mode"):
         fwd(K, "LSTMX", L, True)
-    with pytest.raises(ValueError, match="variant"):
-        fwd(K, "LSTM", L, True, variant="fast")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        fwd(K, "LSTM", L, True, kernel="fast")
     # backward: a workspace from save=False, and wrong-dtype gradients
     out = fwd(K, "LSTM", L, False)
     grads = grads_for("LSTM", *out[:3])
