@@ -4,13 +4,13 @@ Importing this package never touches a GPU and does not import Triton: the kerne
 use (see fusedrnn.dispatch). The tools (verify, bench, the command line) live in fusedrnn.tools and
 are imported only when used: `fusedrnn.verify` is the function fusedrnn.tools.verify.verify.
 """
-from .convert import convert
+from .convert import convert, patch_torch
 from .errors import BackendUnavailableError
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from .spec import BACKENDS
 
 __version__ = "0.1.0"
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "verify", "BACKENDS",
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "patch_torch", "verify", "BACKENDS",
            "BackendUnavailableError"]
 
 

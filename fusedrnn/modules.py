@@ -238,7 +238,7 @@ def _check_layer_args(mode, input_size, hidden_size, num_layers, bias, batch_fir
 class _Backend:
     """The `backend` and `kernel` attributes shared by layers and cells, and the dtypes of a call."""
 
-    def _call_dtypes(self, x, hx, route, weight_dtype, n_states):
+    def _call_dtypes(self, x, hx, route, weights, n_states):
         """(compute dtype, output dtypes) of one call. Without autocast: the weights' dtype, no
         output casts. Under autocast on the torch route: (None, None), torch's op runs under
         autocast on the tensors as given, exactly as in torch.nn. Under autocast on any other route:
@@ -246,6 +246,7 @@ class _Backend:
         first output's dtype. Where torch's op fails for these dtypes (oneDNN on some CPUs cannot
         build its LSTM for float32 input under bfloat16 autocast), every route casts by the rule
         of _compute_dtype and runs."""
+        weight_dtype = weights[0].dtype
         if not _autocast_on(x):
             return weight_dtype, None
         device_type = x.device.type
@@ -255,7 +256,7 @@ class _Backend:
         if key not in _AUTOCAST_PROBES:
             try:
                 with torch.no_grad():
-                    _AUTOCAST_PROBES[key] = self._probe_dtypes(x, given)
+                    _AUTOCAST_PROBES[key] = self._probe_dtypes(x, given, weights)
             except RuntimeError:
                 _AUTOCAST_PROBES[key] = None
         out = _AUTOCAST_PROBES[key]
@@ -338,7 +339,7 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
             if not is_batched:
                 x = x.unsqueeze(0 if self.batch_first else 1)
         route = self._route(x.device)
-        dtype, out_dtypes = self._call_dtypes(x, hx, route, weight_dtype, 2 if is_lstm else 1)
+        dtype, out_dtypes = self._call_dtypes(x, hx, route, self._flat_weights, 2 if is_lstm else 1)
         x = _prepare_input(x, dtype, weight_dtype, self.input_size)
         if packed:
             # sorted_indices (enforce_sorted=False) gives B without reading batch_sizes' data,
@@ -386,7 +387,7 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
     def _probe_key(self):
         return (self.mode, self.proj_size > 0)
 
-    def _probe_dtypes(self, x, state_dtypes):
+    def _probe_dtypes(self, x, state_dtypes, flat):
         """Output dtypes of torch's op for these dtypes under the current autocast (see
         _call_dtypes): one step of a one-row batch."""
         D = 2 if self.bidirectional else 1
@@ -395,7 +396,7 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
         xp = torch.zeros(1, 1, self.input_size, dtype=x.dtype, device=x.device)
         states = [torch.zeros(self.num_layers * D, 1, n, dtype=dt, device=x.device)
                   for n, dt in zip(sizes, state_dtypes)]
-        out = self._run_torch(xp, None, states, self._flat_weights, batch_first=False)
+        out = self._run_torch(xp, None, states, flat, batch_first=False)
         return tuple(t.dtype for t in out)
 
     def _run_torch(self, x, batch_sizes, states, flat, batch_first=None):
@@ -487,15 +488,18 @@ class _FusedCell(_Backend):
         return self._name
 
     def forward(self, input, hx=None):
-        fast = self._fast_cell(input, hx)
+        # Each weight is read once per call, as torch.nn's cells do: a parametrized weight
+        # (spectral_norm's power iteration, ...) is recomputed at every read.
+        w = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        fast = self._fast_cell(input, hx, w)
         if fast is not None:
             return fast
         try:
-            return self._forward_cell(input, hx)
+            return self._forward_cell(input, hx, w)
         except BadInputError as exc:
             raise _with_torch_message(exc, self, (input, hx)) from None
 
-    def _fast_cell(self, input, hx):
+    def _fast_cell(self, input, hx, w):
         """The common CPU call, checked in a few comparisons: batched input and state that are
         already valid, no autocast, no compile, a backend that runs torch's own cell op on CPU. It
         computes exactly what _forward_cell would (torch.nn.*Cell's op, no casts); anything else
@@ -505,7 +509,7 @@ class _FusedCell(_Backend):
                 or input.shape[1] != self.input_size or torch.is_autocast_enabled("cpu")
                 or torch.compiler.is_compiling() or requested_backend(self.backend) not in ("auto", "torch")):
             return None
-        w_ih = self.weight_ih
+        w_ih = w[0]
         dtype = input.dtype
         if dtype != w_ih.dtype or not w_ih.is_cpu:
             return None
@@ -518,21 +522,21 @@ class _FusedCell(_Backend):
             if len(states) != (2 if self._mode == "LSTM" else 1) or not all(
                     type(t) is Tensor and t.shape == shape and t.dtype == dtype and t.is_cpu for t in states):
                 return None
-        out = self._torch_cell(input, states, (w_ih, self.weight_hh, self.bias_ih, self.bias_hh))
+        out = self._torch_cell(input, states, w)
         self._record("torch")
         return out if self._mode == "LSTM" else out[0]
 
     def _probe_key(self):
         return (self._name, self._mode)
 
-    def _probe_dtypes(self, x, state_dtypes):
+    def _probe_dtypes(self, x, state_dtypes, w):
         """Output dtypes of torch's cell op for these dtypes under the current autocast."""
         xp = torch.zeros(1, self.input_size, dtype=x.dtype, device=x.device)
         states = [torch.zeros(1, self.hidden_size, dtype=dt, device=x.device) for dt in state_dtypes]
-        out = self._torch_cell(xp, states, (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh))
+        out = self._torch_cell(xp, states, w)
         return tuple(t.dtype for t in out)
 
-    def _forward_cell(self, input, hx):
+    def _forward_cell(self, input, hx, weights):
         name = self._name
         is_lstm = self._mode == "LSTM"
         if not isinstance(input, Tensor):
@@ -541,9 +545,9 @@ class _FusedCell(_Backend):
             raise InputRankError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
         is_batched = input.dim() == 2
         x = input if is_batched else input.unsqueeze(0)
-        weight_dtype = self.weight_ih.dtype
+        weight_dtype = weights[0].dtype
         route = self._route(x.device)
-        dtype, out_dtypes = self._call_dtypes(x, hx, route, weight_dtype, 2 if is_lstm else 1)
+        dtype, out_dtypes = self._call_dtypes(x, hx, route, weights, 2 if is_lstm else 1)
         x = _prepare_input(x, dtype, weight_dtype, self.input_size)
         B = x.shape[0]
 
@@ -555,7 +559,7 @@ class _FusedCell(_Backend):
 
         shapes = [(B, self.hidden_size)] * (2 if is_lstm else 1)
         states = _initial_states(name, hx, x, dtype, shapes, check_rank, None if is_batched else 0)
-        w = tuple(_cast_weights((self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh), dtype))
+        w = tuple(_cast_weights(weights, dtype))
         kernels = []
         with _no_autocast(x) if dtype is not None else contextlib.nullcontext():
             if route == "torch":
@@ -606,7 +610,8 @@ class RNNCell(_FusedCell, nn.RNNCell):
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
         # nn.RNNCell's own signature (with nonlinearity), past _FusedCell.__init__
-        nn.RNNCell.__init__(self, input_size, hidden_size, bias, nonlinearity, device=device, dtype=dtype)
+        TORCH_CLASSES["RNNCell"].__init__(self, input_size, hidden_size, bias, nonlinearity, device=device,
+                                          dtype=dtype)
         self._init_backend(backend)
 
     @property

@@ -367,10 +367,11 @@ def test_cell_fast_path_is_the_validating_path(kind, monkeypatch):
     m = getattr(fusedrnn, name)(I, H, **kw)
     x = torch.randn(B, I, requires_grad=True)
     hx = (torch.randn(B, H), torch.randn(B, H)) if lstm else torch.randn(B, H)
+    w = (m.weight_ih, m.weight_hh, m.bias_ih, m.bias_hh)
     for state in (None, hx):
-        fast = m._fast_cell(x, state)
+        fast = m._fast_cell(x, state, w)
         assert fast is not None and m.last_backend == "torch"
-        slow = m._forward_cell(x, state)
+        slow = m._forward_cell(x, state, w)
         fast, slow = (list(fast), list(slow)) if lstm else ([fast], [slow])
         for a, b in zip(fast, slow):
             assert torch.equal(a, b)
@@ -381,15 +382,15 @@ def test_cell_fast_path_is_the_validating_path(kind, monkeypatch):
     not_fast = [(x[0], None), (x.double(), None), (x[:, :2], None), (x, h2),
                 (x, hx[0] if lstm else (hx, hx)), (x, (hx[0][:2], hx[1]) if lstm else hx[:2])]
     for inp, state in not_fast:
-        assert m._fast_cell(inp, state) is None
+        assert m._fast_cell(inp, state, w) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert m._fast_cell(x, None) is None
+        assert m._fast_cell(x, None, w) is None
     monkeypatch.setenv("FUSEDRNN_BACKEND", "reference")
-    assert m._fast_cell(x, None) is None
+    assert m._fast_cell(x, None, w) is None
     m(x, hx)
     assert m.last_backend == "reference"
     monkeypatch.delenv("FUSEDRNN_BACKEND")
-    assert fusedrnn.GRUCell(I, H, backend="reference")._fast_cell(x, None) is None
+    assert fusedrnn.GRUCell(I, H, backend="reference")._fast_cell(x, None, w) is None
 
 
 @pytest.mark.parametrize("kind,bias,batched,with_hx,dtype,backend", CELL_GRID)
