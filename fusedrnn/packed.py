@@ -64,54 +64,55 @@ def _freeze_value(dtype):
 
 
 class _Layout:
-    """Index bookkeeping of one batch_sizes, computed once per call (host ints + int64 indices)."""
+    """Index bookkeeping of one batch_sizes, computed once per call and shared by every layer and
+    direction: host ints for the plan, small int64 index tensors on the data's device."""
 
     def __init__(self, batch_sizes, device):
-        bs = [int(b) for b in batch_sizes.tolist()]
-        self.bs = bs
-        self.T = len(bs)
-        self.B = bs[0]
+        bs = batch_sizes.tolist()
+        self.bs, self.T, self.B, self.device = bs, len(bs), bs[0], device
         self.offsets = [0]
         for b in bs:
             self.offsets.append(self.offsets[-1] + b)
         self.N = self.offsets[-1]
-        self.device = device
+        starts = [0] + [t for t in range(1, self.T) if bs[t] != bs[t - 1]]
+        self.segments = _plan(starts + [self.T], [bs[s] for s in starts], self.B)
+        # Rows ending at step t are [bs[t+1], bs[t]): their last packed position is offsets[t] + b.
+        last = [0] * self.B
+        for t in range(self.T):
+            after = bs[t + 1] if t + 1 < self.T else 0
+            for b in range(after, bs[t]):
+                last[b] = self.offsets[t] + b
+        self.last = torch.tensor(last, dtype=torch.int64, device=device)              # (B,)
         self._rev = None
-        self._last = None
-
-    def _lengths_offsets(self):
-        bs_t = torch.tensor(self.bs, dtype=torch.int64)
-        lengths = (bs_t[None, :] > torch.arange(self.B)[:, None]).sum(1)          # (B,)
-        offsets = torch.tensor(self.offsets[:-1], dtype=torch.int64)               # (T,)
-        return bs_t, lengths, offsets
-
-    def last(self):
-        """(B,) packed position of each row's last step."""
-        if self._last is None:
-            _, lengths, offsets = self._lengths_offsets()
-            self._last = (offsets[lengths - 1] + torch.arange(self.B)).to(self.device)
-        return self._last
+        self._pos = {}
+        self._flag = {}
 
     def reverse(self):
         """(N,) permutation: packed position of (t, b) <- position of (len_b - 1 - t, b)."""
         if self._rev is None:
-            bs_t, lengths, offsets = self._lengths_offsets()
+            bs_t = torch.tensor(self.bs)
+            lengths = (bs_t[None, :] > torch.arange(self.B)[:, None]).sum(1)          # (B,)
+            offsets = torch.tensor(self.offsets[:-1])                                 # (T,)
             t = torch.repeat_interleave(torch.arange(self.T), bs_t)                  # (N,)
             b = torch.arange(self.N) - offsets[t]
             self._rev = (offsets[lengths[b] - 1 - t] + b).to(self.device)
         return self._rev
 
-    def plan(self):
-        """The segments [(t0, t1)], chosen by `_plan`."""
-        starts = [0] + [t for t in range(1, self.T) if self.bs[t] != self.bs[t - 1]]
-        return _plan(starts + [self.T], [self.bs[s] for s in starts], self.B)
-
-    def padded_positions(self, t0, t1):
+    def positions(self, t0, t1):
         """Positions of the packed rows of [t0, t1) in the flattened (t1 - t0, bs[t0]) segment."""
-        bs0 = self.bs[t0]
-        live = torch.tensor(self.bs[t0:t1], dtype=torch.int64)
-        mask = torch.arange(bs0)[None, :] < live[:, None]
-        return mask.flatten().nonzero().squeeze(1).to(self.device)
+        if (t0, t1) not in self._pos:
+            b0 = self.bs[t0]
+            pos = [k * b0 + b for k, n in enumerate(self.bs[t0:t1]) for b in range(n)]
+            self._pos[t0, t1] = torch.tensor(pos, dtype=torch.int64, device=self.device)
+        return self._pos[t0, t1]
+
+    def flag(self, t0, t1, dtype):
+        """(rows, 1) LSTM freeze column of a merged segment: 1 at padded positions, 0 at packed ones."""
+        if (t0, t1, dtype) not in self._flag:
+            rows = (t1 - t0) * self.bs[t0]
+            col = torch.ones(rows, 1, dtype=dtype, device=self.device)
+            self._flag[t0, t1, dtype] = col.index_fill_(0, self.positions(t0, t1), 0)
+        return self._flag[t0, t1, dtype]
 
 
 def _plan(bounds, sizes, B):
@@ -146,53 +147,47 @@ def _quiet_proj(has_proj, dtype):
         yield
 
 
-def _run_direction(mode, layout, segments, x, h0, c0, weights, has_bias, training):
+def _run_direction(mode, layout, x, h0, c0, weights, has_bias, training):
     """One layer, one direction, left-aligned: x (N, I) packed; h0 (1, B, P), c0 (1, B, H) or None.
 
     Returns out (N, P) packed, h_n (1, B, P), c_n (1, B, H) or None.
     """
     fn = _VF_LAYER[mode]
     lstm = mode == "LSTM"
-    bs, off = layout.bs, layout.offsets
-    I = x.shape[1]
+    bs, off, T = layout.bs, layout.offsets, layout.T
     w_aug = None
     outs, c_done = [], []
     h, c = h0, c0
-    for t0, t1 in segments:
+    for t0, t1 in layout.segments:
         n, b0 = t1 - t0, bs[t0]
-        b1 = bs[t1] if t1 < layout.T else 0          # rows still live after the segment
+        b1 = bs[t1] if t1 < T else 0                 # rows still live after the segment
         xs = x[off[t0]:off[t1]]
         merged = bs[t1 - 1] != b0
         w = weights
         if merged:
-            pos = layout.padded_positions(t0, t1)
-            xs = x.new_zeros(n * b0, I).index_copy(0, pos, xs)
+            pos = layout.positions(t0, t1)
+            xs = x.new_zeros(n * b0, x.shape[1]).index_copy(0, pos, xs)
             if lstm:
-                # The freeze column: 1 at padded positions; i gate -> -inf-ish, f gate -> +inf-ish.
                 if w_aug is None:
+                    # The freeze column's weights: i gate far negative, f gate far positive.
                     Hc = weights[1].shape[0] // GATES[mode]
                     col = x.new_zeros(GATES[mode] * Hc, 1)
-                    big = _freeze_value(x.dtype)
-                    col[:Hc] = -big
-                    col[Hc:2 * Hc] = big
+                    col[:Hc] = -_freeze_value(x.dtype)
+                    col[Hc:2 * Hc] = _freeze_value(x.dtype)
                     w_aug = torch.cat([weights[0], col], 1)
-                flag = x.new_ones(n * b0, 1).index_fill(0, pos, 0)
-                xs = torch.cat([xs, flag], 1)
-                w = [w_aug] + list(weights[1:])
+                xs = torch.cat([xs, layout.flag(t0, t1, x.dtype)], 1)
+                w = [w_aug] + weights[1:]
         xs = xs.view(n, b0, -1)
         if lstm:
-            y, hn, cn = fn(xs, (h[:, :b0], c[:, :b0]), w, has_bias, 1, 0.0, training, False, False)
+            y, h, c = fn(xs, (h[:, :b0], c[:, :b0]), w, has_bias, 1, 0.0, training, False, False)
+            c_done.append(c[:, b1:])                  # rows that end in this segment (frozen c)
         else:
-            y, hn = fn(xs, h[:, :b0], w, has_bias, 1, 0.0, training, False, False)
-        y = y.reshape(n * b0, -1)
+            y, h = fn(xs, h[:, :b0], w, has_bias, 1, 0.0, training, False, False)
+        y = y.view(n * b0, -1)
         outs.append(y.index_select(0, pos) if merged else y)
-        if lstm:
-            c_done.append(cn[:, b1:b0])              # rows that end in this segment (frozen c)
-            c = cn
-        h = hn
     out = torch.cat(outs) if len(outs) > 1 else outs[0]
     # Each row's h_n is its output at its own last step (in a merged segment it kept running).
-    h_n = out.index_select(0, layout.last()).unsqueeze(0)
+    h_n = out.index_select(0, layout.last).unsqueeze(0)
     c_n = None
     if lstm:
         c_n = torch.cat(c_done[::-1], 1) if len(c_done) > 1 else c_done[0]
@@ -215,7 +210,6 @@ def run_packed(mode, data, batch_sizes, hx, flat_weights, has_bias, num_layers, 
     h0, c0 = (hx[0], hx[1]) if lstm else (hx, None)
     per = len(flat_weights) // (num_layers * D)
     layout = _Layout(batch_sizes, data.device)
-    segments = layout.plan()
     layer_in = data
     h_n, c_n = [], []
     for layer in range(num_layers):
@@ -227,7 +221,7 @@ def run_packed(mode, data, batch_sizes, hx, flat_weights, has_bias, num_layers, 
             c0k = c0[k:k + 1] if lstm else None
             x = layer_in if d == 0 else layer_in.index_select(0, layout.reverse())
             with _quiet_proj(per > 2 + 2 * has_bias, data.dtype):
-                y, hk, ck = _run_direction(mode, layout, segments, x, h0k, c0k, w, has_bias, training)
+                y, hk, ck = _run_direction(mode, layout, x, h0k, c0k, w, has_bias, training)
             outs.append(y if d == 0 else y.index_select(0, layout.reverse()))
             h_n.append(hk)
             if lstm:
