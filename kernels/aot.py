@@ -25,6 +25,7 @@ from triton.runtime.autotuner import Heuristics
 from fusedrnn.spec import DTYPE_NAMES, GATES, MODES
 
 from .barrier import barrier_launch
+from .launch import resolve
 from .plan import device_limits, plan_for
 from .scan import backward_launches, forward_launches
 
@@ -74,11 +75,7 @@ def jit_function(kernel):
 def specialize(kernel, args):
     """(jit function, signature, constexprs) of a keyword launch, as Triton's JIT specializes it:
     each heuristic adds its constexpr, and a None argument is a constexpr None."""
-    args = dict(args)
-    while isinstance(kernel, Heuristics):
-        for name, rule in kernel.values.items():
-            args[name] = rule(args)
-        kernel = kernel.fn
+    kernel, args = resolve(kernel, args)
     sig, const = [], {}
     for p in kernel.params:
         if p.name not in args:

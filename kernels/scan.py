@@ -32,7 +32,7 @@ from fusedrnn.spec import GATES, MODES, TRITON_KERNELS, check_choice, saved_widt
 from .common import (MAX_SPIN, bwd_dh_carry, dot_gates, load_gate_weights, load_gates, mdot, row_time,
                      step_barrier, store_gates, store_live_gates, unit_tile, wload)
 from .gru import gru_bwd, gru_fwd
-from .launch import Launch, check_float, check_tensor, new, run
+from .launch import Launch, check_float, check_tensor, new, resolve, run
 from .lstm import lstm_bwd, lstm_fwd, lstm_proj_bwd_step, lstm_proj_fwd_step
 from .plan import dot_precision, plan_for, proj_config, step_config
 from .rnn import rnn_bwd, rnn_fwd
@@ -433,21 +433,22 @@ def forward_launches(mode, xg, w_hh, b_hh, w_hr, h0, c0, lengths, save, kernel, 
         p_hraw=new((D, B, H), wdt, dev) if w_hr is not None else None, p_sync=sync,
         T=T, B=B, H=H, P=P, D=D, MODE=mode, PERSISTENT=kernel == "persistent",
         BLOCK_B=tiles.BLOCK_B, BLOCK_H=tiles.BLOCK_H, BLOCK_K=tiles.BLOCK_K, PREC=prec)
+    cell, args = resolve(scan_fwd_kernel, args)
 
     def launches():
         if kernel == "persistent":
-            yield Launch(scan_fwd_kernel, tiles.grid, dict(args, s_begin=0, s_end=T), tiles.num_warps)
+            yield Launch(cell, tiles.grid, dict(args, s_begin=0, s_end=T), tiles.num_warps)
             return
         grid = (D, triton.cdiv(B, tiles.BLOCK_B), triton.cdiv(H, tiles.BLOCK_H))
         pcfg = proj_config(B, H, P, dt)
         pgrid = (D, triton.cdiv(B, pcfg.BLOCK_B), triton.cdiv(P, pcfg.BLOCK_H))
-        pargs = dict(p_hraw=args["p_hraw"], p_whr=w_hr, p_h0=h0, p_hst=args["p_hst"], p_y=y, p_hn=hn,
-                     p_len=lengths, T=T, B=B, H=H, P=P, D=D, BLOCK_B=pcfg.BLOCK_B, BLOCK_P=pcfg.BLOCK_H,
-                     BLOCK_K=pcfg.BLOCK_K, PREC=prec)
+        proj, pargs = resolve(lstm_proj_fwd_kernel, dict(
+            p_hraw=args["p_hraw"], p_whr=w_hr, p_h0=h0, p_hst=args["p_hst"], p_y=y, p_hn=hn, p_len=lengths,
+            T=T, B=B, H=H, P=P, D=D, BLOCK_B=pcfg.BLOCK_B, BLOCK_P=pcfg.BLOCK_H, BLOCK_K=pcfg.BLOCK_K, PREC=prec))
         for s in range(T):
-            yield Launch(scan_fwd_kernel, grid, dict(args, s_begin=s, s_end=s + 1), tiles.num_warps)
+            yield Launch(cell, grid, dict(args, s_begin=s, s_end=s + 1), tiles.num_warps)
             if w_hr is not None:
-                yield Launch(lstm_proj_fwd_kernel, pgrid, dict(pargs, s=s), pcfg.num_warps)
+                yield Launch(proj, pgrid, dict(pargs, s=s), pcfg.num_warps)
 
     return (y, hn, cn, hp, gates, cs), launches(), sync
 
@@ -506,25 +507,26 @@ def backward_launches(mode, dy, dhn, dcn, w_hh, w_hr, lengths, hp, gates, cs, ke
         p_dhtot=new((D, B, P), wdt, dev) if proj else None, p_sync=sync,
         T=T, B=B, H=H, P=P, D=D, MODE=mode, PERSISTENT=kernel == "persistent",
         BLOCK_B=tiles.BLOCK_B, BLOCK_H=tiles.BLOCK_H, BLOCK_K=tiles.BLOCK_K, PREC=prec)
+    cell, args = resolve(scan_bwd_kernel, args)
 
     def launches():
         if kernel == "persistent":
-            yield Launch(scan_bwd_kernel, tiles.grid, dict(args, i_begin=0, i_end=T + 1), tiles.num_warps)
+            yield Launch(cell, tiles.grid, dict(args, i_begin=0, i_end=T + 1), tiles.num_warps)
             return
         grid = (D, triton.cdiv(B, tiles.BLOCK_B), triton.cdiv(H, tiles.BLOCK_H))
         pcfg = proj_config(B, H, P, dt)
         pgrid = (D, triton.cdiv(B, pcfg.BLOCK_B), triton.cdiv(P, pcfg.BLOCK_H))
-        pargs = dict(p_dy=dy, p_dhn=dhn, p_whh=w_hh, p_len=lengths, p_dghbuf=args["p_dghbuf"],
-                     p_carry=args["p_carry"], p_dhtot=args["p_dhtot"], p_dhp=dhp, p_dh0=dh0,
-                     T=T, B=B, H=H, P=P, D=D, BLOCK_B=pcfg.BLOCK_B, BLOCK_P=pcfg.BLOCK_H,
-                     BLOCK_K=pcfg.BLOCK_K, PREC=prec)
+        dh_kernel, pargs = resolve(lstm_proj_bwd_kernel, dict(
+            p_dy=dy, p_dhn=dhn, p_whh=w_hh, p_len=lengths, p_dghbuf=args["p_dghbuf"], p_carry=args["p_carry"],
+            p_dhtot=args["p_dhtot"], p_dhp=dhp, p_dh0=dh0, T=T, B=B, H=H, P=P, D=D, BLOCK_B=pcfg.BLOCK_B,
+            BLOCK_P=pcfg.BLOCK_H, BLOCK_K=pcfg.BLOCK_K, PREC=prec))
         # iteration i is step s = T - 1 - i; i = T (s = -1) forms dh0
         for i in range(T + 1):
             if proj:
-                yield Launch(lstm_proj_bwd_kernel, pgrid, dict(pargs, s=T - 1 - i), pcfg.num_warps)
+                yield Launch(dh_kernel, pgrid, dict(pargs, s=T - 1 - i), pcfg.num_warps)
                 if i == T:
                     break
-            yield Launch(scan_bwd_kernel, grid, dict(args, i_begin=i, i_end=i + 1), tiles.num_warps)
+            yield Launch(cell, grid, dict(args, i_begin=i, i_end=i + 1), tiles.num_warps)
 
     return (dxg, dgh, dh0, dc0, dhp), launches(), sync
 

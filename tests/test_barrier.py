@@ -8,15 +8,11 @@ timeout path is reachable there by launching two programs with a tiny MAX_SPIN.
 import json
 import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-import fusedrnn.kernels as K  # noqa: E402
-from fusedrnn.kernels.barrier import check_barrier, grid_barrier_kernel  # noqa: E402
+import fusedrnn.kernels as K
+from fusedrnn.kernels.barrier import barrier_launch, check_barrier, grid_barrier_kernel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -84,11 +80,9 @@ def test_cpu_needs_interpreter_and_one_program_per_direction(monkeypatch):
 
 def test_co_residency_limit_on_meta():
     """meta is the ahead-of-time listing device, sized like an sm_90 (132 SMs)."""
-    from fusedrnn.kernels.barrier import barrier_launch
-
     sync, launch = barrier_launch(132, 4, "meta", directions=2)
     assert launch.grid == (2, 1, 66) and sync.shape == (3,) and sync.device.type == "meta"
-    assert launch.constexprs["GRID_SYNC"] is True and launch.num_warps == 8
+    assert launch.args["GRID_SYNC"] is True and launch.num_warps == 8
     with pytest.raises(ValueError, match="n_programs must be <= 132"):
         barrier_launch(133, 4, "meta")
     with pytest.raises(ValueError, match="device must be cuda"):

@@ -101,7 +101,7 @@ def check_finite(names, outs):
 @pytest.mark.parametrize("D", [1, 2])
 @pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_matches_scan_torch(dtype, cell, D, lengths, save, kernel):
+def test_forward_workspace_and_backward_match_float64_loop(dtype, cell, D, lengths, save, kernel):
     mode, proj = cell
     L = make_layer(mode, proj, D, dtype, lengths)
     L64 = as64(L)
@@ -160,7 +160,7 @@ def baseline_err(torch_out, r64):
 @pytest.mark.parametrize("kernel", ["stepwise", "persistent"])
 @pytest.mark.parametrize("cell", CELLS[:4], ids=CELL_IDS[:4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-def test_half_precision(dtype, cell, kernel):
+def test_half_precision_error_within_torch_own_rounding(dtype, cell, kernel):
     """Inputs and outputs in half precision, state and dots in float32 (as loop). The
     reference is the float64 scan of the same (rounded) inputs; loop run in `dtype` shows
     what rounding the outputs alone costs. Our error may exceed it by 1.5x (summation order and
@@ -289,15 +289,19 @@ def test_zero_length_row(kernel):
     assert torch.equal(g[2][:, 1], grads[1][:, 1]) and torch.equal(g[3][:, 1], grads[2][:, 1])
 
 
-@pytest.mark.parametrize("cell", [("LSTM", True), ("GRU", False)], ids=["LSTM-proj", "GRU"])
-def test_deterministic(cell):
-    """No atomics in any reduction: two runs are bitwise equal."""
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["stepwise", "persistent"])
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+def test_two_runs_are_bitwise_equal_on_gpu(cell, kernel):
+    """Forward and backward twice on the GPU, bitwise equal (the interpreter runs programs one after
+    another, so there this would hold trivially). tests/test_kernels_compile.py proves the cause
+    for every compiled configuration: no floating-point atomics."""
     mode, proj = cell
     L = make_layer(mode, proj, 2, torch.float32, LENGTHS)
     runs = []
     for _ in range(2):
-        out = fwd(K, mode, L, True)
-        g = bwd(K, mode, L, grads_for(mode, *out[:3]), out[3:])
+        out = fwd(K, mode, L, True, kernel=kernel)
+        g = bwd(K, mode, L, grads_for(mode, *out[:3]), out[3:], kernel=kernel)
         runs.append([x for x in (*out, *g) if x is not None])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -361,7 +365,7 @@ def test_inference_memory_does_not_grow_with_T(mode, proj, kernel):
     assert other10k == other10, "an allocation besides y grows with T under save=False"
 
 
-def test_stepwise_launch_counts():
+def test_stepwise_launches_once_per_step_and_projection():
     L = make_layer("LSTM", True, 2, torch.float32, T=2)
     n0 = K.launch_count()
     out = fwd(K, "LSTM", L, True)
@@ -371,7 +375,7 @@ def test_stepwise_launch_counts():
     assert K.launch_count() - n0 == 2 * 2 + 1  # projection-side dh + cell per step, then dh0
 
 
-def test_persistent_plan():
+def test_persistent_plan_limits():
     # one program per direction when all weights fit its register budget
     plan = K.persistent_plan("LSTM", 2, 3, 32, 32, torch.float32, 132, 227 * 1024)
     assert plan is not None and plan.grid == (2, 1, 1) and not plan.grid_sync
@@ -396,6 +400,41 @@ def test_persistent_plan():
     with pytest.raises(ValueError, match="persistent"):
         L = make_layer("RNN_TANH", False, 1, torch.float32, B=2, H=300, T=1)
         fwd(K, "RNN_TANH", L, False, kernel="persistent")
+
+
+def test_device_limits_have_one_definition_and_keep_the_plans():
+    """kernels/plan.py is the one place that knows device limits: meta plans for an sm_90, the
+    interpreter (cpu) for one SM of it. The shared-memory value cannot change a single-program
+    plan (they stage at most 64 KiB), so the CPU plans equal those of any larger limit."""
+    assert K.device_limits("meta") == (132, 227 * 1024)
+    assert K.device_limits("cpu") == (1, 227 * 1024)
+    old = os.environ.pop("FUSEDRNN_GRID_BARRIER", None)
+    try:
+        for mode in ("LSTM", "GRU", "RNN_TANH"):
+            for dtype in (torch.float32, torch.float64, torch.bfloat16):
+                for B in (1, 16, 17, 64, 65):
+                    for H in (5, 16, 32, 50, 64, 100, 128, 129):
+                        for P in ({H, 8} if mode == "LSTM" else {H}):
+                            want = K.persistent_plan(mode, 2, B, H, P, dtype, 1, 1 << 20)
+                            assert K.plan_for(mode, 2, B, H, P, dtype, "cpu") == want
+                            assert K.persistent_plan(mode, 2, B, H, P, dtype, 1, 64 * 1024) == want
+                            single = K.plan_for(mode, 2, B, H, P, dtype, "meta")
+                            assert single == want, "without the grid barrier, meta plans single programs"
+    finally:
+        if old is not None:
+            os.environ["FUSEDRNN_GRID_BARRIER"] = old
+
+
+def test_tiles_below_16_fail_the_static_assert():
+    """tl.dot needs every tile dimension >= 16: the kernels static_assert it (at compile time on
+    the GPU, at launch under the interpreter) instead of trusting the plan."""
+    L = make_layer("RNN_TANH", False, 1, torch.float32, T=1, B=2, H=3)
+    _, launches, _ = kscan.forward_launches("RNN_TANH", L["xg"], L["w_hh"], L["b_hh"], None, L["h0"], None,
+                                            None, False, "stepwise", False)
+    launch = next(iter(launches))
+    assert launch.args["BLOCK_B"] == 16 and launch.args["p_whr"] is None and launch.args["p_hp"] is None
+    with pytest.raises(Exception, match="tiles >= 16"):
+        launch.kernel[launch.grid](**dict(launch.args, BLOCK_B=8), num_warps=launch.num_warps)
 
 
 def _misuse_cases():
