@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
+
+import torch
 
 from .errors import BackendUnavailableError
 from .spec import BACKENDS, KERNEL_CHOICES, LOOP_KERNEL, check_choice
@@ -80,12 +83,51 @@ def triton_problem(device):
     return f"Triton kernels do not support device type {device.type!r}"
 
 
+def exporting_torch_ops():
+    """Whether the call is being recorded by an exporter that knows torch's RNN ops and not
+    fusedrnn's: ONNX export (either exporter) or torch.jit.trace."""
+    if torch.jit.is_tracing():
+        return True
+    in_onnx_export = getattr(torch.onnx, "is_in_onnx_export", None)
+    return bool(in_onnx_export is not None and in_onnx_export())
+
+
+def vmapping():
+    """Whether a torch.func.vmap is active (torch's RNN ops have no batching rule)."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    from torch._C._functorch import TransformType
+    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+
+
+_WARNED = set()
+
+
+def _warn_once(message):
+    """A RuntimeWarning the first time this process meets `message` (auto's fallback to torch's op
+    on a GPU is a choice the user should hear about, once, not on every call)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
 def resolve(backend, device, compiling=False):
     """The route of one call: "torch", "reference", "triton" or "loop" (see the module docstring)."""
+    if exporting_torch_ops():
+        # Export must not depend on the kernels: ONNX and TorchScript record torch's own RNN op.
+        return "torch"
     requested = requested_backend(backend)
     route = requested
     if requested == "auto":
-        route = "triton" if device.type == "cuda" and triton_problem(device) is None else "torch"
+        route = "torch"
+        if device.type == "cuda":
+            problem = triton_problem(device)
+            if problem is None:
+                route = "triton"
+            else:
+                _warn_once(f"fusedrnn: backend='auto' runs torch's own RNN op on {device.type}: the "
+                           f"Triton kernels cannot run there ({problem})")
     elif requested == "triton":
         problem = triton_problem(device)
         if problem is not None:
@@ -95,6 +137,12 @@ def resolve(backend, device, compiling=False):
             raise BackendUnavailableError(
                 "backend='torch' calls torch's fused RNN ops, which torch.compile cannot trace; "
                 "use backend='auto' (it compiles to the fusedrnn::layer op) or 'reference'")
+        return "loop"
+    if route == "torch" and vmapping():
+        if requested == "torch":
+            raise BackendUnavailableError(
+                "backend='torch' calls torch's fused RNN ops, which have no torch.func.vmap batching "
+                "rule; use backend='auto' (it runs the fusedrnn::layer op, which has one) or 'reference'")
         return "loop"
     return route
 
@@ -107,6 +155,10 @@ def choose_kernel(route, kernel, mode, D, B, H, P, dtype, device):
     if kernel == "auto" and env:
         kernel = check_choice(env, KERNEL_CHOICES, "FUSEDRNN_KERNEL")
     if kernel == "stepwise":
+        return kernel
+    if torch.compiler.is_compiling():
+        # A traced graph (torch.compile, torch.export) must not read the batch size here: the
+        # op resolves "auto" itself from the concrete sizes (fusedrnn/ops.py).
         return kernel
     if kernels().plan_for(mode, D, B, H, P, dtype, device) is not None:
         return "persistent"

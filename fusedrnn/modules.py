@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import os
 
 import torch
 from torch import Tensor, _VF, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import ops  # noqa: F401  (registers the fusedrnn:: custom ops)
-from . import reference
-from .dispatch import requested_backend, resolve
+from . import reference, tune
+from .dispatch import kernels as triton_kernels
+from .dispatch import requested_backend, resolve, triton_problem
 from .errors import (BadInputError, DtypeMismatchError, HiddenStatePairError, InputRankError, InputShapeError,
                      NotATensorError, StateRankError)
 from .functional import layer_weights, run_layers
@@ -271,17 +273,29 @@ class _Backend:
         self.kernel = check_choice(kernel, KERNEL_CHOICES, "kernel")
         self.last_backend = None
         self.last_kernels = []
+        self.last_tuning = None
+
+    def __getstate__(self):
+        # The record of the last call is not part of a module's state (and a tune.Decision is
+        # not something torch.load(weights_only=True) should have to rebuild).
+        state = dict(super().__getstate__())
+        state["last_tuning"] = None
+        return state
 
     def _route(self, device):
         """The route of this call (fusedrnn.dispatch): "torch", "reference", "triton" or "loop"."""
         return resolve(self.backend, device, torch.compiler.is_compiling())
 
-    def _record(self, route, kernels=()):
+    def _record(self, route, kernels=(), decision=None):
+        """last_backend: the route that ran; last_kernels: the kernel of each layer;
+        last_tuning: the measured choice behind them (a fusedrnn.tune.Decision: chosen candidate,
+        "tuned" or "cached", timings, excluded candidates and why), None under the static rule."""
         if not torch.compiler.is_compiling():
             # Plain attributes: skip nn.Module.__setattr__'s bookkeeping (it costs ~15 us a call,
             # which matters when the default CPU path must cost what torch.nn costs).
             self.__dict__["last_backend"] = route
             self.__dict__["last_kernels"] = list(kernels)
+            self.__dict__["last_tuning"] = decision
 
 
 class _FusedRNNBase(_Backend, nn.RNNBase):
@@ -302,7 +316,7 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
 
     def __setstate__(self, d):
         for key, default in (("backend", "auto"), ("kernel", "auto"), ("last_backend", None),
-                             ("last_kernels", [])):
+                             ("last_kernels", []), ("last_tuning", None)):
             d.setdefault(key, default)
         super().__setstate__(d)
 
@@ -366,14 +380,19 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
 
         flat = _cast_weights(self._flat_weights, dtype)
         with _no_autocast(x) if dtype is not None else contextlib.nullcontext():
+            decision = self._tune(route, x, batch_sizes, states, flat, B, T, dtype)
+            kernel = self.kernel
+            if decision is not None and decision.chosen is not None:
+                route, kernel = (("torch", None) if decision.chosen == tune.ORACLE
+                                 else ("triton", decision.chosen))
             if route == "torch":
                 out, *finals = self._run_torch(x, batch_sizes, states, flat)
                 kernels = ()
             else:
-                out, finals, kernels = self._run_padded(x, batch_sizes, states, flat, route, B, T)
+                out, finals, kernels = self._run_padded(x, batch_sizes, states, flat, route, B, T, kernel)
         if out_dtypes is not None:
             out, *finals = (t.to(d) for t, d in zip([out, *finals], out_dtypes))
-        self._record(route, kernels)
+        self._record(route, kernels, decision)
         if packed:
             finals = [f.index_select(1, unsorted_indices) if unsorted_indices is not None else f for f in finals]
             output = PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices)
@@ -408,7 +427,60 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
         return fn(x, batch_sizes, hx, flat, self.bias, self.num_layers, self.dropout, self.training,
                   self.bidirectional)
 
-    def _run_padded(self, x, batch_sizes, states, flat, route, B, T):
+    def _tune(self, route, x, batch_sizes, states, flat, B, T, dtype):
+        """The measured choice of backend="auto" between torch's op (cuDNN) and the Triton kernels
+        for this call's key (fusedrnn/tune.py), or None where the static rule decides: an explicit
+        backend or kernel, tuning off, a device where Triton cannot run (CPU only under the
+        test switch $FUSEDRNN_TUNE_CPU=1 with the interpreter), and calls the oracle cannot check
+        (autocast, dropout between layers in training, gradients in eval mode: cuDNN has no
+        backward there)."""
+        if (requested_backend(self.backend) != "auto" or self.kernel != "auto"
+                or os.environ.get("FUSEDRNN_KERNEL", "").strip() not in ("", "auto") or not tune.enabled()):
+            return None
+        device = x.device
+        if device.type == "cuda":
+            if route != "triton" or not torch.backends.cudnn.is_acceptable(x):
+                return None
+        elif not (device.type == "cpu" and os.environ.get("FUSEDRNN_TUNE_CPU") == "1"
+                  and triton_problem(device) is None):
+            return None
+        if dtype is None or _autocast_on(x) or (self.dropout > 0 and self.training and self.num_layers > 1):
+            return None
+        tensors = (x, *states, *flat)
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        if needs_grad and not self.training:
+            return None
+        fields = dict(input_size=self.input_size, hidden_size=self.hidden_size, proj_size=self.proj_size,
+                      num_layers=self.num_layers, bidirectional=self.bidirectional, batch=int(B),
+                      seq_len=int(T), dtype=dtype, bias=self.bias, batch_first=self.batch_first,
+                      packed=batch_sizes is not None, training=needs_grad, device=device)
+        key = tune.make_key(self.mode, **fields)
+        n = len(states)
+        call = tune.CallInputs(tensors, needs_grad=needs_grad,
+                               names=("input", "h_0", "c_0")[:1 + n] + tuple(self._flat_weights_names))
+        D = 2 if self.bidirectional else 1
+        P = self.proj_size if self.proj_size > 0 else self.hidden_size
+
+        def build():
+            def torch_op(x, *rest):
+                return tuple(self._run_torch(x, batch_sizes, list(rest[:n]), list(rest[n:])))
+
+            def kernel_op(kernel):
+                def run(x, *rest):
+                    y, finals, _ = self._run_padded(x, batch_sizes, list(rest[:n]), list(rest[n:]),
+                                                    "triton", B, T, kernel)
+                    return (y, *finals)
+                return run
+
+            candidates = {tune.ORACLE: call.candidate(torch_op), "stepwise": call.candidate(kernel_op("stepwise"))}
+            if triton_kernels().plan_for(self.mode, D, int(B), self.hidden_size, P, dtype, device) is not None:
+                candidates["persistent"] = call.candidate(kernel_op("persistent"))
+            return candidates
+
+        return tune.get_tuner().choose(key, build, needs_grad=needs_grad, tensors=tensors,
+                                       labels=call.labels(("output", "h_n", "c_n")[:1 + n]))
+
+    def _run_padded(self, x, batch_sizes, states, flat, route, B, T, kernel="auto"):
         lengths = None
         if batch_sizes is not None:
             # Packed data is ordered time-major with the live rows of each step first: exactly the
@@ -428,7 +500,7 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
         y, finals = run_layers(self.mode, x, lengths, tuple(states), weights,
                                num_layers=self.num_layers, bidirectional=self.bidirectional,
                                dropout=self.dropout, training=self.training, route=run,
-                               kernel=self.kernel, last_kernels=kernels)
+                               kernel=kernel, last_kernels=kernels)
         if batch_sizes is not None:
             y = y.reshape(T * B, -1).index_select(0, rows)
         elif self.batch_first:
