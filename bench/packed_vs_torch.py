@@ -14,7 +14,7 @@ output.sum() + h_n.sum()) and inference (no_grad). Providers:
     padded  torch.nn module on the same batch padded to T (time-major)
 Targets: fused <= 1.3x padded in training, <= 1.2x padded in inference.
 
-Timing: one warm-up call each, then rounds in which every provider runs once (rotating who goes
+Timing: one warm-up call each (none at T >= --slow-T, where one-time costs are small), then rounds in which every provider runs once (rotating who goes
 first) until the per-point budget is spent and each has --min-reps; medians with p20/p80.
 torch.nn's packed training is super-linear in T (tens of seconds per call at T=1000): where T >= --slow-T
 it runs alone in a subprocess, --slow-reps calls under a --slow-cap seconds timeout; a point that
@@ -125,8 +125,9 @@ def bench_point(args, point, run_packed_provider):
     module, x, pk = make_case(args.mode, point["layout"], point["T"], point["B"], point["H"])
     names = [p for p in PROVIDERS if p != "packed" or run_packed_provider]
     fns = {p: provider_fn(p, module, x, pk, point["pass"]) for p in names}
-    for p in names:
-        fns[p]()                                     # warm-up (allocator, oneDNN primitives)
+    if point["T"] < args.slow_T:                     # warm-up (allocator, oneDNN primitives); at
+        for p in names:                              # long T one-time costs are noise in a median
+            fns[p]()
     times = {p: [] for p in names}
     start, k = time.perf_counter(), 0
     while True:
