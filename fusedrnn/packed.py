@@ -67,13 +67,18 @@ class _Layout:
     """Index bookkeeping of one batch_sizes, computed once per call and shared by every layer and
     direction: host ints for the plan, small int64 index tensors on the data's device."""
 
-    def __init__(self, batch_sizes, device):
+    def __init__(self, batch_sizes, device, N):
         bs = batch_sizes.tolist()
+        # pack_padded_sequence guarantees this; a hand-made PackedSequence may not, and torch's
+        # packed op then silently computes something else. Refuse instead of indexing garbage.
+        if not bs or bs[-1] < 1 or any(a < b for a, b in zip(bs, bs[1:])) or sum(bs) != N:
+            raise ValueError("batch_sizes must be a non-empty, non-increasing sequence of positive "
+                             f"sizes summing to the {N} rows of data, got {bs[:8]}{'...' if len(bs) > 8 else ''}")
         self.bs, self.T, self.B, self.device = bs, len(bs), bs[0], device
         self.offsets = [0]
         for b in bs:
             self.offsets.append(self.offsets[-1] + b)
-        self.N = self.offsets[-1]
+        self.N = N
         starts = [0] + [t for t in range(1, self.T) if bs[t] != bs[t - 1]]
         self.segments = _plan(starts + [self.T], [bs[s] for s in starts], self.B)
         # Rows ending at step t are [bs[t+1], bs[t]): their last packed position is offsets[t] + b.
@@ -209,7 +214,7 @@ def run_packed(mode, data, batch_sizes, hx, flat_weights, has_bias, num_layers, 
     D = 2 if bidirectional else 1
     h0, c0 = (hx[0], hx[1]) if lstm else (hx, None)
     per = len(flat_weights) // (num_layers * D)
-    layout = _Layout(batch_sizes, data.device)
+    layout = _Layout(batch_sizes, data.device, data.shape[0])
     layer_in = data
     h_n, c_n = [], []
     for layer in range(num_layers):

@@ -96,7 +96,7 @@ def test_length_patterns(case, lengths, plan):
 
 @pytest.mark.parametrize("D", [1, 2])
 @pytest.mark.parametrize("case", CASES)
-def test_float32(case, D):
+def test_float32(case, D, plan):
     compare(case, [20, 17, 17, 12, 9, 9, 3, 1], D, 2, torch.float32)
 
 
@@ -200,3 +200,11 @@ def test_rejects_unknown_mode():
     with pytest.raises(ValueError, match="mode"):
         run_packed("LSTMX", torch.zeros(1, 1), torch.tensor([1]), torch.zeros(1, 1, 1), [], False, 1,
                    0.0, False, False)
+
+
+@pytest.mark.parametrize("batch_sizes, N", [([1, 2], 3), ([2, 0], 2), ([2, 1], 4), ([], 0)])
+def test_rejects_malformed_batch_sizes(batch_sizes, N):
+    w = list(torch.nn.GRU(2, 3)._flat_weights)
+    with pytest.raises(ValueError, match="batch_sizes"):
+        run_packed("GRU", torch.zeros(N, 2), torch.tensor(batch_sizes, dtype=torch.int64),
+                   torch.zeros(1, 2, 3), w, True, 1, 0.0, False, False)
