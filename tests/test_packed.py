@@ -208,3 +208,18 @@ def test_rejects_malformed_batch_sizes(batch_sizes, N):
     with pytest.raises(ValueError, match="batch_sizes"):
         run_packed("GRU", torch.zeros(N, 2), torch.tensor(batch_sizes, dtype=torch.int64),
                    torch.zeros(1, 2, 3), w, True, 1, 0.0, False, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_forward(dtype, plan):
+    """Half precision (the LSTM freeze column uses a smaller offset there); forward only."""
+    torch.manual_seed(0)
+    m = torch.nn.LSTM(4, 6, num_layers=2, bidirectional=True).to(dtype)
+    pk = pack_padded_sequence(torch.randn(9, 5, 4, dtype=dtype), torch.tensor([9, 7, 7, 3, 1]))
+    hx = (torch.randn(4, 5, 6, dtype=dtype), torch.randn(4, 5, 6, dtype=dtype))
+    args = (m._flat_weights, True, 2, 0.0, False, True)
+    with torch.no_grad():
+        want = _VF.lstm(pk.data, pk.batch_sizes, hx, *args)
+        got = run_packed("LSTM", pk.data, pk.batch_sizes, hx, *args)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2)
