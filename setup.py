@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fusedrnn", "fusedrnn.kernels"],
+    packages=["fusedrnn", "fusedrnn.tools", "fusedrnn.kernels"],
     # kernels/ holds Triton code only; it installs as fusedrnn.kernels so that no top-level
     # package named `kernels` (an unrelated PyPI project) is created.
     package_dir={"fusedrnn": "fusedrnn", "fusedrnn.kernels": "kernels"},
@@ -21,5 +21,5 @@ setup(
         "test": ["pytest", "hypothesis", "pytest-benchmark"],
         "bench": ["matplotlib", "tqdm", "pytest-benchmark"],
     },
-    entry_points={"console_scripts": ["fusedrnn=fusedrnn.cli:main"]},
+    entry_points={"console_scripts": ["fusedrnn=fusedrnn.tools.cli:main"]},
 )

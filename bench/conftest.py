@@ -1,4 +1,4 @@
-"""pytest-benchmark benchmarks for the standard shapes (one file per op: lstm, gru, rnn).
+"""pytest-benchmark benchmarks for the standard shapes (bench/test_bench_layers.py: lstm, gru, rnn_tanh).
 
     pytest bench --benchmark-only                              # run; groups compare providers
     pytest bench --benchmark-only --benchmark-autosave         # save .benchmarks/... JSON
@@ -11,7 +11,7 @@ fusedrnn within 1.1x of torch.nn (compare the two rows of each group).
 GPU (skipped without CUDA): fusedrnn (backend="triton") vs cuDNN (torch.nn on CUDA), bf16 and
 fp32, at a few of the issue's sweep shapes; the full sweep is `fusedrnn bench` / gpu_check.sh.
 Each timed call synchronizes the GPU, so the timings are wall-clock per call.
-The models and inputs come from fusedrnn.bench.build, the same as `fusedrnn bench`.
+The models and inputs come from fusedrnn.tools.sweep.build, the same as `fusedrnn bench`.
 """
 from __future__ import annotations
 
@@ -34,16 +34,16 @@ CPU_SHAPES = [(100, 64, 256), (500, 1, 64)]  # (T, B, H), input size = H
 CPU_PROVIDERS = ("fusedrnn-auto", "torch-cpu")
 GPU_SHAPES = [(1024, 64, 512), (1024, 8, 256), (512, 64, 512)]
 GPU_PROVIDERS = ("fusedrnn", "cudnn")
-MODES = {"inference": "inference", "training": "fwdbwd"}
+PASSES = {"inference": "inference", "training": "fwdbwd"}  # name in the test id -> spec.PASSES
 
 
 def bench_case(benchmark, cell, provider, T, B, H, mode, device, dtype="fp32"):
-    from fusedrnn.bench import build
-    from fusedrnn.roofline import Problem, flops
+    from fusedrnn.tools.roofline import Problem, flops
+    from fusedrnn.tools.sweep import build
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    p = Problem(cell=cell, seq=T, batch=B, input=H, hidden=H, dtype=dtype, mode=MODES[mode])
+    p = Problem(cell=cell, seq=T, batch=B, input=H, hidden=H, dtype=dtype, pass_=PASSES[mode])
     fn, grads = build(provider, p, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 

@@ -8,9 +8,9 @@ torch's own fused RNN ops behind fusedrnn's module code) and `torch-cpu` (torch.
 issue's T=100,B=64,H=256 and T=500,B=1,H=64 (input size = H), for lstm, gru and rnn_tanh, in
 inference (no_grad) and training (forward+backward). Target: fusedrnn within 1.1x of torch.nn.
 
-Timing is fusedrnn.bench's CPU method: warm-up, providers interleaved call by call (rotating who
+Timing is fusedrnn.tools.sweep's CPU method: warm-up, providers interleaved call by call (rotating who
 goes first), median with p20/p80. The same numbers come from
-    fusedrnn bench --device cpu --cell lstm,gru,rnn_tanh --mode inference,fwdbwd \\
+    fusedrnn bench --device cpu --cell lstm,gru,rnn_tanh --pass inference,fwdbwd \\
         --providers fusedrnn-auto,torch-cpu    (its default CPU shapes are these two)
 The load average is recorded: on a shared machine the absolute times move, the ratio less so.
 """
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 SHAPES = [(100, 64, 256), (500, 1, 64)]
 CELLS = ("lstm", "gru", "rnn_tanh")
-MODES = ("inference", "fwdbwd")
+PASSES = ("inference", "fwdbwd")
 TARGET = 1.1
 
 
@@ -42,16 +42,17 @@ def main(argv=None):
 
     import torch
 
-    from fusedrnn.bench import environment, run_sweep
-    from fusedrnn.roofline import Problem, markdown_table
+    from fusedrnn.tools.report import markdown_table
+    from fusedrnn.tools.roofline import Problem
+    from fusedrnn.tools.sweep import environment, run_sweep
 
     if args.threads:
         torch.set_num_threads(args.threads)
     date = datetime.date.today().isoformat()
     out = args.out or os.path.join(HERE, "results", f"cpu-{date}.md")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    problems = [Problem(cell=c, seq=T, batch=B, input=H, hidden=H, dtype="fp32", mode=m)
-                for c in args.cell.split(",") for (T, B, H) in SHAPES for m in MODES]
+    problems = [Problem(cell=c, seq=T, batch=B, input=H, hidden=H, dtype="fp32", pass_=m)
+                for c in args.cell.split(",") for (T, B, H) in SHAPES for m in PASSES]
     load0 = os.getloadavg()
     env = environment("cpu")
     records = run_sweep(problems, ["fusedrnn-auto", "torch-cpu"], "cpu", None,
@@ -61,16 +62,16 @@ def main(argv=None):
     rows, worst = [], 0.0
     by = {}
     for r in records:
-        by.setdefault((r["cell"], r["seq"], r["batch"], r["hidden"], r["mode"]), {})[
+        by.setdefault((r["cell"], r["seq"], r["batch"], r["hidden"], r["pass"]), {})[
             r["provider"]] = r
-    for (cell, T, B, H, mode), d in by.items():
+    for (cell, T, B, H, pass_), d in by.items():
         f, t = d.get("fusedrnn-auto"), d.get("torch-cpu")
         if not (f and t and f["median_ms"] and t["median_ms"]):
-            rows.append((cell, T, B, H, mode, "-", "-", "-", "error"))
+            rows.append((cell, T, B, H, pass_, "-", "-", "-", "error"))
             continue
         ratio = f["median_ms"] / t["median_ms"]
         worst = max(worst, ratio)
-        rows.append((cell, T, B, H, "training" if mode == "fwdbwd" else mode,
+        rows.append((cell, T, B, H, "training" if pass_ == "fwdbwd" else pass_,
                      f"{f['median_ms']:.3f} ({f['p20_ms']:.3f}-{f['p80_ms']:.3f})",
                      f"{t['median_ms']:.3f} ({t['p20_ms']:.3f}-{t['p80_ms']:.3f})",
                      f"{ratio:.3f}", "ok" if ratio <= TARGET else f"> {TARGET}x"))
@@ -88,7 +89,7 @@ def main(argv=None):
         f"(target <= {TARGET})",
         f"- command: python bench/cpu_vs_torch.py {' '.join(argv if argv is not None else sys.argv[1:])}",
         "",
-        markdown_table(("cell", "T", "B", "H", "mode", "fusedrnn ms", "torch.nn ms", "ratio", ""),
+        markdown_table(("cell", "T", "B", "H", "pass", "fusedrnn ms", "torch.nn ms", "ratio", ""),
                        rows),
         "",
         f"worst ratio: {worst:.3f}", ""])

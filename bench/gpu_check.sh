@@ -125,17 +125,17 @@ if [ $CUDA -eq 1 ]; then
     [ -s "$OUT/barrier.json" ] && BARRIER_US=(--barrier-us "$OUT/barrier.json")
     stage "sweep vs cudnn" 140 "$OUT/sweep.log" \
         "$PY" -m fusedrnn bench --device cuda --cell lstm --batch 1,8,16,64,256 \
-        --hidden 128,256,512,1024 --seq 1024 --mode fwdbwd,inference --dtype bf16,fp32 \
+        --hidden 128,256,512,1024 --seq 1024 --pass fwdbwd,inference --dtype bf16,fp32 \
         --providers fusedrnn,cudnn --rep 30 --budget 110 --no-progress \
         ${BARRIER_US[@]+"${BARRIER_US[@]}"} \
         --out "$OUT/sweep.json" --md "$OUT/sweep.md" --plot "$OUT/sweep.png"
     stage "bf16 T512 B64 H512" 40 "$OUT/extra.log" \
         "$PY" -m fusedrnn bench --device cuda --cell lstm,gru,rnn_tanh --batch 64 --hidden 512 \
-        --seq 512 --layers 1 --mode fwdbwd --dtype bf16 --providers fusedrnn,cudnn --rep 50 \
+        --seq 512 --layers 1 --pass fwdbwd --dtype bf16 --providers fusedrnn,cudnn --rep 50 \
         --no-progress --out "$OUT/extra.json" --md "$OUT/extra.md" --plot "$OUT/extra.png"
     stage "persistent vs stepwise bf16 B16" 60 "$OUT/persistent.log" \
         "$PY" -m fusedrnn bench --device cuda --cell lstm,gru,rnn_tanh --batch 16 --hidden 64,128 \
-        --seq 1024 --layers 1 --mode fwdbwd,inference --dtype bf16 \
+        --seq 1024 --layers 1 --pass fwdbwd,inference --dtype bf16 \
         --providers fusedrnn-persistent,fusedrnn-stepwise,cudnn --rep 30 --budget 45 --no-progress \
         --out "$OUT/persistent.json" --md "$OUT/persistent.md"
 else

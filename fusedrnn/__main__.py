@@ -1,6 +1,6 @@
-"""`python -m fusedrnn verify|bench ...`: see fusedrnn.cli."""
+"""`python -m fusedrnn verify|bench ...`: see fusedrnn.tools.cli."""
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 sys.exit(main())

@@ -108,7 +108,7 @@ def test_every_sm_meets_at_the_barrier():
 
 def test_measure_barrier_arithmetic_with_mocked_timer(monkeypatch):
     """The CUDA measurement's bookkeeping without a GPU: per barrier = (t(N) - t(1)) / (N - 1)."""
-    from fusedrnn import bench
+    from fusedrnn.tools import barrier_bench, report
 
     calls = []
 
@@ -118,15 +118,15 @@ def test_measure_barrier_arithmetic_with_mocked_timer(monkeypatch):
         ms = (10.0 + per * (steps - 1)) / 1e3
         return [ms, 0.9 * ms, 1.1 * ms]
 
-    monkeypatch.setattr(bench, "time_barrier", fake_time_barrier)
-    records, us = bench.measure_barrier(132, steps=1024)
+    monkeypatch.setattr(barrier_bench, "time_barrier", fake_time_barrier)
+    records, us = barrier_bench.measure_barrier(132, steps=1024)
     assert [(r["programs"], r["directions"], r["grid_sync"]) for r in records] == \
         [(132, 1, True), (2, 1, True), (2, 2, False)]
     assert {c[3] for c in calls} == {1, 1024}
     assert us == pytest.approx(1.0) and records[0]["barrier_us"] == pytest.approx(1.0)
     assert records[1]["barrier_us"] == pytest.approx(0.5)
     assert all(r["launch_us"] == pytest.approx(10.0) and r["status"] == "ok" for r in records)
-    md = bench.barrier_markdown({"environment": {"device": "cuda", "device_name": "NVIDIA H200",
+    md = report.barrier_markdown({"environment": {"device": "cuda", "device_name": "NVIDIA H200",
                                                  "torch": "x", "triton": "y", "cuda": "z",
                                                  "git_commit": "c", "timestamp": "t"},
                                  "steps": 1024, "barrier_us": us, "records": records, "note": None})
@@ -135,10 +135,10 @@ def test_measure_barrier_arithmetic_with_mocked_timer(monkeypatch):
     def failing(programs, directions, grid_sync, steps, rep_ms):
         raise RuntimeError("grid barrier timed out")
 
-    monkeypatch.setattr(bench, "time_barrier", failing)
-    records, us = bench.measure_barrier(4, steps=16)
+    monkeypatch.setattr(barrier_bench, "time_barrier", failing)
+    records, us = barrier_bench.measure_barrier(4, steps=16)
     assert us is None and all(r["status"] == "error" and "timed out" in r["note"] for r in records)
-    assert bench.barrier_configs(2) == [(2, 1, True, "grid barrier, one program per SM"),
+    assert barrier_bench.barrier_configs(2) == [(2, 1, True, "grid barrier, one program per SM"),
                                         (2, 2, False, "CTA barrier only (single-program plans, D=2)")]
 
 
@@ -148,33 +148,33 @@ def test_cmd_barrier_cuda_branch_with_mocks(monkeypatch, tmp_path, capsys):
     import argparse
     import types
 
-    from fusedrnn import bench
+    from fusedrnn.tools import barrier_bench, cli, sweep
 
-    monkeypatch.setattr(bench, "environment", lambda device: {
+    monkeypatch.setattr(sweep, "environment", lambda device: {
         "device": device, "device_name": "NVIDIA H200", "torch": "x", "triton": "y", "cuda": "z",
         "git_commit": "c", "git_dirty": False, "timestamp": "t"})
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda i: types.SimpleNamespace(multi_processor_count=132))
-    monkeypatch.setattr(bench, "time_barrier",
+    monkeypatch.setattr(barrier_bench, "time_barrier",
                         lambda P, D, gs, steps, rep: [(5.0 + 0.8 * (steps - 1)) / 1e3] * 3)
     out, md = tmp_path / "b.json", tmp_path / "b.md"
     args = argparse.Namespace(barrier=True, rep=None, out=str(out), md=str(md))
-    assert bench.cmd_barrier(args, "cuda") == 0
+    assert cli.cmd_barrier(args, "cuda") == 0
     text = capsys.readouterr().out
     assert "barrier_us = 0.800 (grid barrier across 132 programs)" in text
     data = json.loads(out.read_text())
     assert data["barrier_us"] == pytest.approx(0.8) and data["barrier_source"] == "measured"
-    assert data["steps"] == bench.BARRIER_STEPS and len(data["records"]) == 3
+    assert data["steps"] == barrier_bench.BARRIER_STEPS and len(data["records"]) == 3
     assert "| 132 | 1 | yes |" in md.read_text()
-    from fusedrnn.roofline import load_barrier_us
+    from fusedrnn.tools.roofline import load_barrier_us
     assert load_barrier_us(str(out)) == pytest.approx(0.8)
 
 
 def test_cli_barrier_without_cuda_says_so(tmp_path, monkeypatch, capsys):
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the CLI measures instead")
-    from fusedrnn import cli
+    from fusedrnn.tools import cli
 
     monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
     out, md = tmp_path / "barrier.json", tmp_path / "barrier.md"
@@ -187,16 +187,17 @@ def test_cli_barrier_without_cuda_says_so(tmp_path, monkeypatch, capsys):
     assert "needs CUDA" in md.read_text()
     # a JSON that measured nothing leaves the estimate in place, with a warning
     rc = cli.main(["bench", "--roofline", "H200", "--barrier-us", str(out), "--batch", "1",
-                   "--hidden", "256", "--seq", "1024", "--mode", "inference"])
+                   "--hidden", "256", "--seq", "1024", "--pass", "inference"])
     cap = capsys.readouterr()
     assert rc == 0 and "holds no measured barrier" in cap.err and "~1.5 us (estimate)" in cap.out
 
 
 def test_roofline_measured_barrier_overrides_estimate(tmp_path, capsys):
-    from fusedrnn import cli
-    from fusedrnn.roofline import Problem, floors, format_roofline, gpu_spec, with_barrier
+    from fusedrnn.tools import cli
+    from fusedrnn.tools.report import barrier_note, format_roofline
+    from fusedrnn.tools.roofline import Problem, floors, gpu_spec, with_barrier
 
-    p = Problem(cell="lstm", seq=1024, batch=1, input=256, hidden=256, mode="inference", dtype="bf16")
+    p = Problem(cell="lstm", seq=1024, batch=1, input=256, hidden=256, pass_="inference", dtype="bf16")
     spec = gpu_spec("H200")
     est = floors(p, spec)
     assert est["barrier_source"] == "estimate" and est["barrier_ms"] == pytest.approx(1024 * 1.5e-3)
@@ -207,14 +208,13 @@ def test_roofline_measured_barrier_overrides_estimate(tmp_path, capsys):
     assert floors(p, with_barrier(spec, 0.6)) == meas and spec["barrier_us"] == 1.5  # no mutation
     assert "grid barrier 0.6 us (measured)" in format_roofline([p], "H200", 0.6)
     assert "grid barrier ~1.5 us (estimate)" in format_roofline([p], "H200")
-    from fusedrnn.bench import _barrier_note
-    assert _barrier_note({"barrier_us": 0.6, "barrier_source": "measured"}) == "; grid barrier 0.6 us (measured)"
+    assert barrier_note({"barrier_us": 0.6, "barrier_source": "measured"}) == "; grid barrier 0.6 us (measured)"
 
     f = tmp_path / "barrier.json"
     f.write_text(json.dumps({"barrier_us": 2.0, "records": []}))
     for arg, shown, ms in ((str(f), "2 us (measured)", "2.048"), ("0.25", "0.25 us (measured)", "0.256")):
         rc = cli.main(["bench", "--roofline", "H200", "--barrier-us", arg, "--batch", "1",
-                       "--hidden", "256", "--seq", "1024", "--mode", "inference"])
+                       "--hidden", "256", "--seq", "1024", "--pass", "inference"])
         out = capsys.readouterr().out
         assert rc == 0 and shown in out
         row = next(ln for ln in out.splitlines() if ln.strip().startswith("lstm"))

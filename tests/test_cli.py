@@ -5,7 +5,6 @@ way a user without a GPU runs them); the exit-status test runs main() in-process
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -30,16 +29,20 @@ def test_verify_quick_cpu_passes_and_prints_table():
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     out = r.stdout
     assert "rel err" in out and "torch err" in out and "tol" in out
-    for cell in ("lstm", "gru", "rnn_tanh", "rnn_relu", "lstmcell", "grucell", "rnncell"):
-        assert f"\n{cell} " in out
+    # by default on CPU: what runs there by default (auto: torch's fused ops) and the Triton
+    # kernels through the interpreter, on the quick grid
+    assert "backends auto, triton" in out and "quick grid" in out
+    for backend in ("auto", "triton"):
+        for cell in ("lstm", "gru", "rnn_tanh", "rnn_relu", "lstmcell", "grucell", "rnncell"):
+            assert f"\n{backend}: {cell} " in out
     assert "PASSED" in out and "FAIL " not in out
 
 
 def test_verify_exit_status_1_on_failure(monkeypatch, capsys):
     """A broken backend (weights perturbed in the copy under test) makes the command exit 1."""
-    from fusedrnn import cli
+    from fusedrnn.tools import cli
+    from fusedrnn.tools import verify as V
 
-    V = importlib.import_module("fusedrnn.verify")
     orig = V.convert_copy
 
     def broken(module, backend, kernel=None):
@@ -63,18 +66,18 @@ def test_verify_exit_status_1_on_failure(monkeypatch, capsys):
 
 
 def test_verify_exit_status_0_same_path(monkeypatch, capsys):
-    from fusedrnn import cli
+    from fusedrnn.tools import cli
 
     monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
     rc = cli.main(["verify", "--quick", "--device", "cpu", "--cell", "rnn_tanh,grucell",
                    "--dtype", "fp32", "--backend", "reference"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "PASSED: 3/3" in out
+    assert "PASSED: 3/3" in out and "about" in out and "s left" in out
 
 
 RECORD_FIELDS = {"provider", "cell", "seq", "batch", "input", "hidden", "layers", "bidirectional",
-                 "dtype", "mode", "status", "median_ms", "p20_ms", "p80_ms", "tokens_per_s",
+                 "dtype", "pass", "status", "watch", "median_ms", "p20_ms", "p80_ms", "tokens_per_s",
                  "tflops", "peak_mem_mb", "flops", "floors", "efficiency", "vs_baseline"}
 ENV_FIELDS = {"device_name", "torch", "triton", "cuda", "git_commit", "timestamp"}
 
@@ -90,7 +93,9 @@ def test_bench_quick_cpu_json_and_png(tmp_path):
     assert recs and all(RECORD_FIELDS <= set(rec) for rec in recs)
     provs = {rec["provider"] for rec in recs}
     assert {"fusedrnn-auto", "torch-cpu", "reference", "fusedrnn"} <= provs
-    assert {rec["mode"] for rec in recs} == {"fwdbwd", "inference"}
+    assert {rec["pass"] for rec in recs} == {"fwdbwd", "inference"}
+    method = data["environment"]["method"]
+    assert method["clock"] == "cpu" and method["threads"] == 1  # pinned by default on CPU
     for rec in recs:
         if rec["provider"] in ("fusedrnn-auto", "torch-cpu", "reference"):
             assert rec["status"] == "ok", rec
@@ -99,13 +104,13 @@ def test_bench_quick_cpu_json_and_png(tmp_path):
         if rec["provider"] == "torch-cpu":
             assert rec["vs_baseline"] == 1.0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| provider |" in md.read_text()
+    assert "| provider |" in md.read_text() and "CPU time of the calling thread" in md.read_text()
     assert "fusedrnn-auto" in r.stdout and "wrote" in r.stdout
 
 
 def test_bench_roofline_prints_floors_without_running():
     r = run_cli("bench", "--roofline", "H200", "--batch", "1,64", "--hidden", "256",
-                "--seq", "1024", "--mode", "fwdbwd", timeout=60)
+                "--seq", "1024", "--pass", "fwdbwd", timeout=60)
     assert r.returncode == 0, r.stderr
     assert "H200" in r.stdout and "floor ms" in r.stdout and "barrier ms" in r.stdout
     lines = [ln for ln in r.stdout.splitlines() if ln.strip().startswith("lstm")]
@@ -114,12 +119,12 @@ def test_bench_roofline_prints_floors_without_running():
 
 
 def test_roofline_flop_count():
-    from fusedrnn.roofline import Problem, flops, floors, gpu_spec
+    from fusedrnn.tools.roofline import Problem, flops, floors, gpu_spec
 
-    p = Problem(cell="lstm", seq=10, batch=2, input=3, hidden=5, mode="forward", dtype="fp32")
+    p = Problem(cell="lstm", seq=10, batch=2, input=3, hidden=5, pass_="forward", dtype="fp32")
     assert flops(p) == 2 * 10 * 2 * 4 * 5 * (3 + 5)
     p2 = Problem(cell="lstm", seq=10, batch=2, input=3, hidden=5, layers=2, bidirectional=True,
-                 proj_size=4, mode="fwdbwd", dtype="bf16")
+                 proj_size=4, pass_="fwdbwd", dtype="bf16")
     per_dir0 = 2 * 10 * 2 * 20 * (3 + 4) + 2 * 10 * 2 * 4 * 5
     per_dir1 = 2 * 10 * 2 * 20 * (8 + 4) + 2 * 10 * 2 * 4 * 5
     assert flops(p2) == 3 * 2 * (per_dir0 + per_dir1)
@@ -132,6 +137,8 @@ def test_roofline_flop_count():
     (("bench", "--batch", "x"), "not an integer"),
     (("bench", "--batch", "0"), "must be positive"),
     (("bench", "--mode", "sideways"), "invalid choice"),
+    (("bench", "--pass", "sideways"), "invalid choice"),
+    (("bench", "--clock", "sundial"), "invalid choice"),
     (("bench", "--providers", "cudnn,magic"), "invalid choice"),
     (("verify", "--cell", "transformer"), "invalid choice"),
     (("verify", "--device", "tpu"), "invalid choice"),
@@ -139,7 +146,7 @@ def test_roofline_flop_count():
     ((), "required"),
 ])
 def test_bad_flags_clear_error(args, msg, capsys):
-    from fusedrnn import cli
+    from fusedrnn.tools import cli
 
     with pytest.raises(SystemExit) as e:
         cli.build_parser().parse_args(list(args))
@@ -157,7 +164,7 @@ def test_bad_flags_message_from_command_line():
 def test_bench_gpu_bookkeeping_with_mocked_timer(monkeypatch, tmp_path):
     """The CUDA branch of the sweep (records, floors, ratio to cudnn, plot), with the timer and
     the models mocked so that it runs without a GPU."""
-    from fusedrnn import bench
+    from fusedrnn.tools import report, sweep
 
     def fake_build(provider, p, device):
         def fn():
@@ -168,13 +175,13 @@ def test_bench_gpu_bookkeeping_with_mocked_timer(monkeypatch, tmp_path):
     def fake_time_cuda(fn, grads, rep_ms):
         return [fn.ms, 0.9 * fn.ms, 1.1 * fn.ms], 123.0
 
-    monkeypatch.setattr(bench, "build", fake_build)
-    monkeypatch.setattr(bench, "time_cuda", fake_time_cuda)
-    from fusedrnn.roofline import Problem, gpu_spec
+    monkeypatch.setattr(sweep, "build", fake_build)
+    monkeypatch.setattr(sweep, "time_cuda", fake_time_cuda)
+    from fusedrnn.tools.roofline import Problem, gpu_spec
 
     problems = [Problem(cell="lstm", seq=1024, batch=b, input=256, hidden=256, dtype="bf16",
-                        mode=m) for b in (8, 64) for m in ("fwdbwd", "inference")]
-    recs = bench.run_sweep(problems, ["fusedrnn", "cudnn"], "cuda", gpu_spec("NVIDIA H200"),
+                        pass_=m) for b in (8, 64) for m in ("fwdbwd", "inference")]
+    recs = sweep.run_sweep(problems, ["fusedrnn", "cudnn"], "cuda", gpu_spec("NVIDIA H200"),
                            progress=False)
     assert len(recs) == 8 and all(r["status"] == "ok" for r in recs)
     for r in recs:
@@ -184,8 +191,8 @@ def test_bench_gpu_bookkeeping_with_mocked_timer(monkeypatch, tmp_path):
         if r["provider"] == "fusedrnn":
             assert r["vs_baseline"] == 0.5 and r["speedup"] == 2.0
     png = tmp_path / "gpu.png"
-    assert bench.plot(recs, str(png)) is None and png.stat().st_size > 1000
-    md = bench.markdown(recs, {"device": "cuda", "device_name": "NVIDIA H200", "torch": "x",
+    assert report.plot(recs, str(png)) is None and png.stat().st_size > 1000
+    md = report.markdown(recs, {"device": "cuda", "device_name": "NVIDIA H200", "torch": "x",
                                "triton": "y", "cuda": "z", "git_commit": "c", "git_dirty": False,
                                "timestamp": "t"})
     assert md.count("| lstm |") == 8
@@ -199,17 +206,108 @@ def test_bench_kernel_providers_force_the_kernel():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
-    from fusedrnn import bench
-    from fusedrnn.roofline import Problem
+    from fusedrnn.tools import sweep
+    from fusedrnn.tools.roofline import Problem
 
-    small = Problem(cell="lstm", seq=2, batch=3, input=6, hidden=20, dtype="bf16", mode="fwdbwd")
+    small = Problem(cell="lstm", seq=2, batch=3, input=6, hidden=20, dtype="bf16", pass_="fwdbwd")
     for provider, kernel in (("fusedrnn-stepwise", "stepwise"), ("fusedrnn-persistent", "persistent")):
-        assert bench.skip_reason(provider, small, device) is None
-        fn, grads = bench.build(provider, small, device)
+        assert sweep.skip_reason(provider, small, device) is None
+        fn, grads = sweep.build(provider, small, device)
         fn()
         assert grads and all(t.grad is not None for t in grads)
         model = fn.__closure__[fn.__code__.co_freevars.index("model")].cell_contents
         assert set(model.last_kernels) == {kernel}, model.last_kernels
-    wide = Problem(cell="lstm", seq=2, batch=3, input=80, hidden=80, dtype="fp32", mode="fwdbwd")
-    assert "no persistent plan" in bench.skip_reason("fusedrnn-persistent", wide, device)
-    assert bench.skip_reason("fusedrnn-stepwise", wide, device) is None
+    wide = Problem(cell="lstm", seq=2, batch=3, input=80, hidden=80, dtype="fp32", pass_="fwdbwd")
+    assert "no persistent plan" in sweep.skip_reason("fusedrnn-persistent", wide, device)
+    assert sweep.skip_reason("fusedrnn-stepwise", wide, device) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# flags that yield nothing, --version, --help
+
+
+@pytest.mark.parametrize("args,why", [
+    (("bench", "--cell", "gru", "--proj", "5"), "--proj 5 applies to cell lstm only, not gru"),
+    (("bench", "--proj", "64", "--hidden", "32"), "--proj 64 must be smaller than --hidden 32"),
+    (("bench", "--cell", "grucell,rnn_tanh", "--proj", "8", "--hidden", "16"),
+     "--proj 8 applies to cell lstm only, not grucell"),
+])
+def test_flags_with_no_point_are_an_error_naming_why(args, why, capsys):
+    from fusedrnn.tools import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(list(args) + ["--device", "cpu"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "no benchmark point" in err and why in err
+
+
+def test_partly_invalid_sweep_runs_the_valid_points_and_says_what_was_dropped(capsys):
+    from fusedrnn.tools import sweep
+
+    problems, dropped = sweep.sweep_problems(cells=["lstm", "gru"], proj=[8], hidden=[16])
+    assert [p.cell for p in problems] == ["lstm", "lstm"]  # fwdbwd and inference
+    assert dropped == ["--proj 8 applies to cell lstm only, not gru"]
+
+
+def test_clock_cpu_needs_one_thread(capsys):
+    from fusedrnn.tools import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--device", "cpu", "--threads", "2", "--clock", "cpu"])
+    assert e.value.code == 2 and "needs --threads 1" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import fusedrnn
+    from fusedrnn.tools import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fusedrnn {fusedrnn.__version__}"
+
+
+def test_help_lists_choices_and_defaults(capsys):
+    from fusedrnn.spec import CELLS, PASSES
+    from fusedrnn.tools import cli, sweep
+
+    for command in ("bench", "verify"):
+        with pytest.raises(SystemExit) as e:
+            cli.main([command, "--help"])
+        assert e.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        for cell in CELLS:
+            assert cell in text
+        assert "(default: all)" in text or "(default: lstm)" in text
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")
+    for name in PASSES + sweep.PROVIDERS:
+        assert name in text
+    assert "(default: 2)" in text and "(default: fwdbwd,inference)" in text
+
+
+def test_one_definition_of_the_providers():
+    from fusedrnn.tools import cli, sweep
+
+    assert cli.PROVIDERS is sweep.PROVIDERS
+    assert set(sweep.BACKEND_OF) | {"cudnn", "torch-cpu"} == set(sweep.PROVIDERS)
+
+
+def test_cpu_timing_marks_a_disturbed_point_noisy(monkeypatch):
+    """The load is watched at every point: a point measured under a load above the limit is
+    measured again (retries) and, still disturbed, marked noisy in its record."""
+    from fusedrnn.tools import sweep
+    from fusedrnn.tools.roofline import Problem
+
+    loads = iter([9.0] * 20)
+    monkeypatch.setattr(sweep, "_load", lambda: next(loads))
+    p = Problem(cell="lstm", seq=2, batch=2, input=4, hidden=4, dtype="fp32", pass_="inference")
+    timing = sweep.CpuTiming(clock="cpu", budget_s=0.01, retries=1, max_load=2.0)
+    recs = sweep.run_sweep([p], ["torch-cpu"], "cpu", None, progress=False, cpu_timing=timing)
+    (r,) = recs
+    assert r["status"] == "ok" and r["watch"]["noisy"] and r["watch"]["tries"] == 2
+    assert r["note"].startswith("noisy after 2 tries (load 9.0")
+    with pytest.raises(ValueError, match="clock must be 'cpu' or 'wall', got 'sundial'"):
+        sweep.CpuTiming(clock="sundial")

@@ -8,22 +8,20 @@ Run: `pytest -m gpu tests` (bench/gpu_check.sh does, with a timeout).
 """
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-V = importlib.import_module("fusedrnn.verify")
+from fusedrnn.tools import verify as V  # noqa: E402
 SEQ = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 
 
 def check(case, kernel=None):
     m, inputs = V.case_inputs(case, "cuda")
     rep = V.verify(m, *inputs, backend="triton", dtype=case.dtype, kernel=kernel,
-                   label=case.label, input_names=("x", "hx"))
+                   label=case.label, input_names=("x", "hx"), full=True, progress=False)
     assert rep.error is None, f"{case.label}: {rep.error}"
     assert any(r.startswith("triton") for r in rep.routes), f"{case.label}: routes {rep.routes}"
     assert rep.passed, str(rep)
@@ -89,7 +87,7 @@ def test_grid_barrier(cell, H, monkeypatch):
     direction exchange h through global memory and meet at a grid barrier every step. Never run
     before a GPU was available; a co-residency failure raises (bounded spin) instead of hanging."""
     monkeypatch.setenv("FUSEDRNN_GRID_BARRIER", "1")
-    K = importlib.import_module("fusedrnn.kernels")
+    from fusedrnn import kernels as K
     props = torch.cuda.get_device_properties(0)
     smem = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
     mode = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN_TANH"}[cell]

@@ -6,7 +6,6 @@ independent of the kernels' correctness). One test runs the real kernels (interp
 """
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
@@ -14,8 +13,8 @@ import torch
 from torch import nn
 
 import fusedrnn
-
-V = importlib.import_module("fusedrnn.verify")
+from fusedrnn.tools import models
+from fusedrnn.tools import verify as V
 
 
 def _lstm_case():
@@ -26,15 +25,15 @@ def _lstm_case():
 
 
 def test_verify_is_exported_and_callable():
-    assert callable(fusedrnn.verify)
+    assert callable(fusedrnn.verify) and fusedrnn.verify is V.verify
     m, x = _lstm_case()
-    rep = fusedrnn.verify(m, x, backend="torch")
+    rep = fusedrnn.verify(m, x, backend="torch", full=True)
     assert isinstance(rep, V.VerifyReport)
 
 
 def test_torch_backend_passes_with_table_and_errors():
     m, x = _lstm_case()
-    rep = V.verify(m, x, backend="torch")
+    rep = V.verify(m, x, backend="torch", full=True)
     assert rep.passed, str(rep)
     text = str(rep)
     assert "rel err" in text and "tol" in text and "PASSED" in text
@@ -51,7 +50,7 @@ def test_torch_backend_passes_with_table_and_errors():
 @pytest.fixture
 def perturb_tested_copy(monkeypatch):
     """Make the converted copy under test carry slightly perturbed weights."""
-    orig = V.convert_copy
+    orig = models.convert_copy
 
     def convert_copy(module, backend, kernel=None):
         m = orig(module, backend, kernel)
@@ -61,14 +60,14 @@ def perturb_tested_copy(monkeypatch):
                     p.mul_(1 + 1e-3)
         return m
 
-    monkeypatch.setattr(V, "convert_copy", convert_copy)
+    monkeypatch.setattr(V, "convert_copy", convert_copy)  # verify's own reference to it
     return convert_copy
 
 
 def test_perturbed_weights_fail(perturb_tested_copy):
     m, x = _lstm_case()
     perturb_tested_copy.target = "torch"
-    rep = V.verify(m, x, backend="torch")
+    rep = V.verify(m, x, backend="torch", full=True)
     assert not rep.passed
     assert "FAILED" in str(rep) and "FAIL" in str(rep)
     failed = {e.name for e in rep.entries if not e.passed}
@@ -81,7 +80,8 @@ def test_cell_and_dtype_and_h0_grads():
     cell = nn.GRUCell(6, 5)
     x = torch.randn(3, 6, requires_grad=True)
     h = torch.randn(3, 5, requires_grad=True)
-    rep = V.verify(cell, x, h, backend="torch", dtype=torch.float64, input_names=("x", "h"))
+    rep = V.verify(cell, x, h, backend="torch", dtype=torch.float64, input_names=("x", "h"),
+                   full=True)
     assert rep.passed, str(rep)
     assert rep.dtype == torch.float64
     assert {"grad x", "grad h", "grad weight_hh"} <= set(rep.errors)
@@ -105,7 +105,7 @@ def test_nested_outputs_packed_sequence():
     torch.manual_seed(0)
     x = torch.randn(5, 3, 4, requires_grad=True)
     packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 2, 4]), enforce_sorted=False)
-    rep = V.verify(_Tagger(), packed, backend="torch")
+    rep = V.verify(_Tagger(), packed, backend="torch", full=True)
     assert rep.passed, str(rep)
     assert {"out['seq'].data", "out['more'][0]", "out['more'][1]", "grad in[0].data",
             "grad head.weight"} <= set(rep.errors)
@@ -125,7 +125,7 @@ def test_low_precision_tolerance_is_relative_to_torch():
 
 def test_bf16_against_torch_passes():
     m, x = _lstm_case()
-    rep = V.verify(m, x, backend="reference", dtype="bf16")
+    rep = V.verify(m, x, backend="reference", dtype="bf16", full=True)
     assert rep.dtype == torch.bfloat16
     # the reference in bf16 rounds each step like torch.nn does: within 2x torch + 1 ulp
     assert all(e.torch_error is not None for e in rep.entries), str(rep)
@@ -172,7 +172,7 @@ def test_triton_route_with_corrupted_scan(monkeypatch, fwd_scale, bwd_scale, exp
     torch.manual_seed(0)
     m = nn.GRU(5, 7, num_layers=2, bidirectional=True)
     x = torch.randn(4, 3, 5, requires_grad=True)
-    rep = V.verify(m, x, backend="triton")
+    rep = V.verify(m, x, backend="triton", full=True)
     assert rep.error is None, rep.error
     assert any(r.startswith("triton") for r in rep.routes), rep.routes
     if expect == "pass":
@@ -195,7 +195,7 @@ def test_exception_in_backend_is_a_failure(monkeypatch):
 
     monkeypatch.setattr(k, "scan_forward", boom)
     m, x = _lstm_case()
-    rep = V.verify(m, x, backend="triton")
+    rep = V.verify(m, x, backend="triton", full=True)
     assert not rep.passed and "kernel exploded" in rep.error
     assert "ERROR" in str(rep)
 
@@ -206,5 +206,5 @@ def test_real_triton_kernels_tiny():
     torch.manual_seed(0)
     m = nn.LSTM(5, 7, bidirectional=True)
     x = torch.randn(3, 2, 5, requires_grad=True)
-    rep = V.verify(m, x, backend="triton")
+    rep = V.verify(m, x, backend="triton", full=True)
     assert rep.passed, str(rep)

@@ -1,4 +1,5 @@
-"""Lower bounds ("floors") for the time of an RNN layer stack on a given GPU.
+"""Lower bounds ("floors") for the time of an RNN layer stack on a given GPU: numbers only (the
+table that prints them is fusedrnn.tools.report.format_roofline).
 
 Three floors are computed for every benchmark point:
 
@@ -22,10 +23,10 @@ where I_l is the input size of layer l (I for layer 0, D·P after), P = proj_siz
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1,
-         "lstmcell": 4, "grucell": 3, "rnncell": 1, "rnncell_relu": 1}
+from fusedrnn.spec import CELL_MODE, GATES, PASSES, STEP_CELLS, check_choice
 
 # Peak dense (no structured sparsity) rates in TFLOP/s and HBM bandwidth in TB/s.
 # Sources: NVIDIA H100 Tensor Core GPU datasheet (H100 SXM5: BF16/FP16 989.4, TF32 494.7,
@@ -49,7 +50,6 @@ GPUS = {
 }
 
 DTYPE_BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
-MODES = ("forward", "backward", "fwdbwd", "inference")
 
 
 def gpu_spec(name):
@@ -67,6 +67,8 @@ def gpu_spec(name):
 
 @dataclass
 class Problem:
+    """One benchmark point: a module (`cell`, a name of fusedrnn.spec.CELLS), its sizes, a dtype
+    name and the pass timed (fusedrnn.spec.PASSES; `pass_` because `pass` is a Python keyword)."""
     cell: str = "lstm"
     seq: int = 1024
     batch: int = 64
@@ -76,11 +78,25 @@ class Problem:
     bidirectional: bool = False
     proj_size: int = 0
     dtype: str = "bf16"
-    mode: str = "fwdbwd"
+    pass_: str = "fwdbwd"
+
+    def __post_init__(self):
+        check_choice(self.cell, tuple(CELL_MODE), "cell")
+        check_choice(self.pass_, PASSES, "pass_")
+        check_choice(self.dtype, tuple(DTYPE_BYTES), "dtype")
+
+    @property
+    def mode(self):
+        """The recurrence (fusedrnn.spec.MODES) of the cell."""
+        return CELL_MODE[self.cell]
+
+    @property
+    def gates(self):
+        return GATES[self.mode]
 
     @property
     def is_cell(self):
-        return self.cell.endswith("cell") or self.cell == "rnncell_relu"
+        return self.cell in STEP_CELLS
 
     @property
     def steps(self):
@@ -104,7 +120,7 @@ class Problem:
 
 
 def forward_flops(p: Problem):
-    G, T, B, H, P = GATES[p.cell], p.steps, p.batch, p.hidden, p.state
+    G, T, B, H, P = p.gates, p.steps, p.batch, p.hidden, p.state
     total = 0
     for I_l in p.layer_inputs():
         per_dir = 2 * T * B * G * H * (I_l + P)
@@ -116,7 +132,7 @@ def forward_flops(p: Problem):
 
 def flops(p: Problem):
     f = forward_flops(p)
-    return {"forward": f, "inference": f, "backward": 2 * f, "fwdbwd": 3 * f}[p.mode]
+    return {"forward": f, "inference": f, "backward": 2 * f, "fwdbwd": 3 * f}[p.pass_]
 
 
 def bytes_moved(p: Problem):
@@ -129,7 +145,7 @@ def bytes_moved(p: Problem):
     """
     e = DTYPE_BYTES[p.dtype]
     ws = 8 if p.dtype == "fp64" else 4
-    G, T, B, H, P = GATES[p.cell], p.steps, p.batch, p.hidden, p.state
+    G, T, B, H, P = p.gates, p.steps, p.batch, p.hidden, p.state
     GH = G * H
     W = 4 * H if G in (3, 4) else H
     C = H if G == 4 else 0
@@ -139,14 +155,14 @@ def bytes_moved(p: Problem):
             wbytes = (GH * (I_l + P) + GH * 2 + (P * H if p.proj_size else 0)) * e
             fwd += T * B * I_l * e + wbytes + 2 * T * B * GH * e + T * B * P * e
             work = T * B * (P + W + C) * ws  # the saved workspace
-            if p.mode != "inference":
+            if p.pass_ != "inference":
                 fwd += work
             bwd += (work + T * B * P * e                        # workspace, dy
                     + T * B * GH * e * (2 if G == 3 else 1)     # write dxg (and dgh)
                     + 2 * T * B * GH * e                        # read dxg for dW_ih and dx
                     + T * B * I_l * e + T * B * P * ws          # x and hp for dW_ih, dW_hh
                     + T * B * I_l * e + 2 * wbytes)             # write dx; weights and grads
-    return {"forward": fwd, "inference": fwd, "backward": bwd, "fwdbwd": fwd + bwd}[p.mode]
+    return {"forward": fwd, "inference": fwd, "backward": bwd, "fwdbwd": fwd + bwd}[p.pass_]
 
 
 def serial_steps(p: Problem):
@@ -154,7 +170,7 @@ def serial_steps(p: Problem):
     Both directions of a layer are assumed to run in the same launch."""
     per_pass = p.num_layers * p.steps
     return {"forward": per_pass, "inference": per_pass, "backward": per_pass,
-            "fwdbwd": 2 * per_pass}[p.mode]
+            "fwdbwd": 2 * per_pass}[p.pass_]
 
 
 def rate_tflops(spec, dtype):
@@ -185,7 +201,6 @@ def load_barrier_us(text):
     except (TypeError, ValueError):
         value = None
     if value is None:
-        import json
         try:
             with open(text) as f:
                 value = json.load(f).get("barrier_us")
@@ -224,49 +239,3 @@ def floors(p: Problem, spec, barrier_us=None):
         "barrier_source": b_source,
         "floor_ms": max(compute_ms, memory_ms, barrier_ms),
     }
-
-
-def format_roofline(problems, gpu_key, barrier_us=None):
-    """A text table of the floors for each problem (used by `fusedrnn bench --roofline GPU`);
-    barrier_us: a measured grid-barrier cost instead of the table's estimate."""
-    spec = gpu_spec(gpu_key)
-    if spec is None:
-        raise ValueError(f"unknown GPU {gpu_key!r}; known: {', '.join(GPUS)}")
-    b_us, b_source = barrier_cost(spec, barrier_us)
-    barrier = f"~{b_us:g} us (estimate)" if b_source == "estimate" else f"{b_us:.3g} us ({b_source})"
-    lines = [
-        f"Roofline floors on {spec['name']}: matmul {spec['bf16']} TFLOP/s bf16/fp16 dense, "
-        f"{spec['fp32']} fp32 (no TF32), {spec['fp64']} fp64; HBM {spec['hbm_tbs']} TB/s; "
-        f"launch ~{spec['launch_us']} us (estimate), grid barrier {barrier}.",
-        "floor = max(compute, memory, barrier); stepwise kernels also pay the launch floor.",
-    ]
-    hdr = ("cell", "dtype", "mode", "T", "B", "I", "H", "L", "D", "GFLOP", "MB",
-           "compute ms", "memory ms", "launch ms", "barrier ms", "floor ms")
-    rows = []
-    for p in problems:
-        fl = floors(p, spec, barrier_us)
-        rows.append((p.cell, p.dtype, p.mode, p.steps, p.batch, p.input, p.hidden, p.num_layers,
-                     p.dirs, f"{fl['flops'] / 1e9:.2f}", f"{fl['bytes'] / 1e6:.1f}",
-                     f"{fl['compute_ms']:.4f}", f"{fl['memory_ms']:.4f}",
-                     f"{fl['launch_ms']:.3f}", f"{fl['barrier_ms']:.3f}",
-                     f"{fl['floor_ms']:.4f}"))
-    lines.append(text_table(hdr, rows))
-    return "\n".join(lines)
-
-
-def text_table(header, rows, left=()):
-    """A plain-text table; columns whose index is in `left` are left-aligned."""
-    rows = [tuple(str(c) for c in r) for r in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h))
-              for i, h in enumerate(header)]
-    fmt = "  ".join(("{:<%d}" if i in left else "{:>%d}") % w for i, w in enumerate(widths))
-    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-    out += [fmt.format(*r) for r in rows]
-    return "\n".join(out)
-
-
-def markdown_table(header, rows):
-    out = ["| " + " | ".join(str(h) for h in header) + " |",
-           "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
