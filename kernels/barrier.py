@@ -32,7 +32,7 @@ def grid_barrier_kernel(p_sync, n_steps, D, GRID_SYNC: tl.constexpr, MAX_SPIN: t
     n_sync = pid_d * 0
     for s in range(0, n_steps):
         n_sync += 1
-        ok = step_barrier(p_sync, pid_d, D, n_prog * n_sync, ok, GRID_SYNC, MAX_SPIN)
+        ok = step_barrier(p_sync, pid_d, D, n_prog, n_sync, ok, GRID_SYNC, MAX_SPIN)
 
 
 def _int_arg(name, value, lo, hi=None):

@@ -5,7 +5,8 @@ Shape legend:
     offs_b / mask_b (BLOCK_B,) batch rows of this program; offs_u / mask_u (BLOCK_U,) its units
     t (BLOCK_B,) int64 time index of each row at step s; live (BLOCK_B,) row s < lengths[b]
     gate tiles x0..x3: tile g of a gate-blocked tensor sits at p + g * stride (stride H for the
-                   activations and the workspace, H * P for W_hh); a cell with N < 4 tiles
+                   activations and the workspace; W_hh's at p + g * H * P + offs from the
+                   direction's base pointer p); a cell with N < 4 tiles
                    gets tile 0 again in the unused slots, which no cell reads (the compiler
                    drops them), so every cell handles its gates through the same four names
     dghbuf (2, D, B, GH)  ping-pong: hidden-side pre-activation gradients of the last step
@@ -72,17 +73,18 @@ def load_gates(p, stride, mask, N: tl.constexpr, CDT: tl.constexpr):
 
 
 @triton.jit
-def load_gate_weights(p, stride, mask, N: tl.constexpr, CDT: tl.constexpr, PREC: tl.constexpr):
-    """The N weight tiles at p + g * stride, as wload keeps them."""
-    w0 = wload(p, mask, CDT, PREC)
+def load_gate_weights(p, H, P, offs, mask, N: tl.constexpr, CDT: tl.constexpr, PREC: tl.constexpr):
+    """The N weight tiles of W_hh (D, GH, P) at p + g * H * P + offs (p this direction's base,
+    offs the tile's offsets within a gate block), as wload keeps them."""
+    w0 = wload(p + offs, mask, CDT, PREC)
     w1 = w0
     w2 = w0
     w3 = w0
     if N > 1:
-        w1 = wload(p + stride, mask, CDT, PREC)
-        w2 = wload(p + 2 * stride, mask, CDT, PREC)
+        w1 = wload(p + H * P + offs, mask, CDT, PREC)
+        w2 = wload(p + 2 * H * P + offs, mask, CDT, PREC)
     if N > 3:
-        w3 = wload(p + 3 * stride, mask, CDT, PREC)
+        w3 = wload(p + 3 * H * P + offs, mask, CDT, PREC)
     return w0, w1, w2, w3
 
 
@@ -95,6 +97,22 @@ def dot_gates(w0, w1, w2, w3, b_x, a0, a1, a2, a3, N: tl.constexpr, PREC: tl.con
         a2 = mdot(w2, b_x, a2, PREC)
     if N > 3:
         a3 = mdot(w3, b_x, a3, PREC)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def stream_dot_gates(p, H, P, offs, k0, mask, b_x, a0, a1, a2, a3, N: tl.constexpr, CDT: tl.constexpr,
+                     PREC: tl.constexpr):
+    """dot_gates over the K chunk at k0 of the W_hh tiles addressed as in load_gate_weights, each
+    loaded next to its dot, so fewer of them are live at once (stepwise)."""
+    a0 = mdot(wload(p + offs + k0, mask, CDT, PREC), b_x, a0, PREC)
+    if N > 1:
+        w1 = wload(p + H * P + offs + k0, mask, CDT, PREC)
+        w2 = wload(p + 2 * H * P + offs + k0, mask, CDT, PREC)
+        a1 = mdot(w1, b_x, a1, PREC)
+        a2 = mdot(w2, b_x, a2, PREC)
+    if N > 3:
+        a3 = mdot(wload(p + 3 * H * P + offs + k0, mask, CDT, PREC), b_x, a3, PREC)
     return a0, a1, a2, a3
 
 
@@ -115,6 +133,24 @@ def store_live_gates(p, stride, mask, live, N: tl.constexpr, x0, x1, x2, x3):
     """store_gates with zeros where `live` is false (dead rows, padded positions)."""
     store_gates(p, stride, mask, N, tl.where(live, x0, 0.0), tl.where(live, x1, 0.0),
                 tl.where(live, x2, 0.0), tl.where(live, x3, 0.0))
+
+
+@triton.jit
+def store_gate_grads(p_dx, p_gb, stride, mask, live, N: tl.constexpr, d0, d1, d2, d3, e0, e1, e2, e3):
+    """The backward's per-gate outputs, zero for dead rows: d_g (input-side pre-activation
+    gradients) at p_dx + g * stride in its element type, e_g (hidden-side, for the next step's dh)
+    at p_gb + g * stride. Each gate's two stores are adjacent, so its tiles die early."""
+    ODT = p_dx.dtype.element_ty
+    tl.store(p_dx, tl.where(live, d0, 0.0).to(ODT), mask=mask)
+    tl.store(p_gb, tl.where(live, e0, 0.0), mask=mask)
+    if N > 1:
+        tl.store(p_dx + stride, tl.where(live, d1, 0.0).to(ODT), mask=mask)
+        tl.store(p_dx + 2 * stride, tl.where(live, d2, 0.0).to(ODT), mask=mask)
+        tl.store(p_gb + stride, tl.where(live, e1, 0.0), mask=mask)
+        tl.store(p_gb + 2 * stride, tl.where(live, e2, 0.0), mask=mask)
+    if N > 3:
+        tl.store(p_dx + 3 * stride, tl.where(live, d3, 0.0).to(ODT), mask=mask)
+        tl.store(p_gb + 3 * stride, tl.where(live, e3, 0.0), mask=mask)
 
 
 @triton.jit
@@ -192,18 +228,20 @@ def bwd_dh_carry(
 
 
 @triton.jit
-def step_barrier(p_sync, pid_d, D, target, ok, GRID_SYNC: tl.constexpr, MAX_SPIN: tl.constexpr):
-    """End of a persistent step. One program per direction: a CTA barrier makes this program's
-    global writes visible to its own threads (a no-op in the interpreter, which runs threads in
-    lock step); p_sync may be None. Several programs (GRID_SYNC): a grid barrier on direction
-    pid_d's monotonic arrive counter p_sync[pid_d], target = programs * steps so far. The spin is
-    bounded: on timeout it raises the error flag p_sync[D] and stops waiting for the rest of the
-    launch (ok = 0), so a broken co-residency never hangs the GPU; the launcher checks the flag
-    and raises."""
-    tl.debug_barrier()
+def step_barrier(p_sync, pid_d, D, n_prog, n_sync, ok, GRID_SYNC: tl.constexpr, MAX_SPIN: tl.constexpr):
+    """End of the n_sync-th persistent step barrier. One program per direction: a CTA barrier makes
+    this program's global writes visible to its own threads (a no-op in the interpreter, which
+    runs threads in lock step); p_sync may be None. Several programs (GRID_SYNC): a grid barrier on
+    direction pid_d's monotonic arrive counter p_sync[pid_d], which must reach n_prog * n_sync
+    (every program's arrivals so far). The spin is bounded: on timeout it raises the error flag
+    p_sync[D] and stops waiting for the rest of the launch (ok = 0), so a broken co-residency
+    never hangs the GPU; the launcher checks the flag and raises."""
     if GRID_SYNC:
         p_count = p_sync + pid_d
         p_err = p_sync + D
+    target = n_prog * n_sync
+    tl.debug_barrier()
+    if GRID_SYNC:
         if ok != 0:
             # Release publishes the whole CTA's writes: the debug_barrier above ordered them before
             # this (scalar, single-thread) atomic.

@@ -30,7 +30,8 @@ import triton.language as tl
 from fusedrnn.spec import GATES, MODES, TRITON_KERNELS, check_choice, saved_widths, work_dtype
 
 from .common import (MAX_SPIN, bwd_dh_carry, dot_gates, load_gate_weights, load_gates, mdot, row_time,
-                     step_barrier, store_gates, store_live_gates, unit_tile, wload)
+                     step_barrier, store_gate_grads, store_gates, store_live_gates, stream_dot_gates, unit_tile,
+                     wload)
 from .gru import gru_bwd, gru_fwd
 from .launch import Launch, check_float, check_tensor, new, resolve, run
 from .lstm import lstm_bwd, lstm_fwd, lstm_proj_bwd_step, lstm_proj_fwd_step
@@ -85,7 +86,7 @@ def scan_fwd_kernel(
         # stay on chip for the whole sequence (registers; for a wgmma the compiler moves them to
         # shared memory once, before the loop).
         tl.device_assert(P <= BLOCK_K, "persistent: BLOCK_K must cover P")
-        w_0, w_1, w_2, w_3 = load_gate_weights(p_w + o_w, H * P, mask_j[:, None] & (offs_k[None, :] < P),
+        w_0, w_1, w_2, w_3 = load_gate_weights(p_w, H, P, o_w, mask_j[:, None] & (offs_k[None, :] < P),
                                                G, CDT, PREC)
     if HAS_BIAS:
         bias_0, bias_1, bias_2, bias_3 = load_gates(p_bhh + pid_d * GH + offs_j, H, mask_j, G, CDT)
@@ -119,10 +120,12 @@ def scan_fwd_kernel(
                 p_hpt = p_hp + ((pid_d * T + t[None, :]) * B + offs_b[None, :]) * P + kk[:, None]
                 if pid_h == 0:
                     tl.store(p_hpt, b_h, mask=mask_kb)
-            if not PERSISTENT:
-                w_0, w_1, w_2, w_3 = load_gate_weights(p_w + o_w + k0, H * P, mask_j[:, None] & mask_k[None, :],
-                                                       G, CDT, PREC)
-            acc_0, acc_1, acc_2, acc_3 = dot_gates(w_0, w_1, w_2, w_3, b_h, acc_0, acc_1, acc_2, acc_3, G, PREC)
+            if PERSISTENT:
+                acc_0, acc_1, acc_2, acc_3 = dot_gates(w_0, w_1, w_2, w_3, b_h, acc_0, acc_1, acc_2, acc_3,
+                                                       G, PREC)
+            else:
+                acc_0, acc_1, acc_2, acc_3 = stream_dot_gates(p_w, H, P, o_w, k0, mask_j[:, None] & mask_k[None, :],
+                                                              b_h, acc_0, acc_1, acc_2, acc_3, G, CDT, PREC)
         if HAS_BIAS:
             # (the tiles of gates a cell does not have are never read)
             acc_0 += bias_0[:, None]
@@ -140,6 +143,8 @@ def scan_fwd_kernel(
         else:
             h_prev = tl.load(p_hcur + o_own, mask=mask_jb, other=0.0, cache_modifier=CACHE)
 
+        if SAVE:
+            p_sv = p_gates + ((pid_d * T + t[None, :]) * B + offs_b[None, :]) * W + offs_j[:, None]
         if MODE == "LSTM":
             o_c = offs_b[None, :] * H + offs_j[:, None]
             if s == 0:
@@ -162,7 +167,6 @@ def scan_fwd_kernel(
             h_new = rnn_fwd(x_0 + acc_0, MODE == "RNN_RELU")
             s_0, s_1, s_2, s_3 = h_new, h_new, h_new, h_new
         if SAVE:
-            p_sv = p_gates + ((pid_d * T + t[None, :]) * B + offs_b[None, :]) * W + offs_j[:, None]
             store_gates(p_sv, H, mask_jb, NW, s_0, s_1, s_2, s_3)
 
         if HAS_PROJ:
@@ -171,7 +175,7 @@ def scan_fwd_kernel(
             tl.store(p_hraw + pid_d * B * H + offs_b[None, :] * H + offs_j[:, None], h_new, mask=mask_jb)
             if PERSISTENT:
                 n_sync += 1
-                ok = step_barrier(p_sync, pid_d, D, n_prog * n_sync, ok, GRID_SYNC, MAX_SPIN)
+                ok = step_barrier(p_sync, pid_d, D, n_prog, n_sync, ok, GRID_SYNC, MAX_SPIN)
                 # BLOCK_K >= P here, so program (pid_b, 0) projects all P units of its rows.
                 lstm_proj_fwd_step(s, pid_d, pid_b, pid_h, T, B, H, P, D,
                                    p_hraw, p_whr, p_h0, p_hst, p_y, p_hn, p_len,
@@ -185,7 +189,7 @@ def scan_fwd_kernel(
                 tl.store(p_hn + pid_d * B * P + o_own, h_keep.to(p_hn.dtype.element_ty), mask=mask_jb)
         if PERSISTENT:
             n_sync += 1
-            ok = step_barrier(p_sync, pid_d, D, n_prog * n_sync, ok, GRID_SYNC, MAX_SPIN)
+            ok = step_barrier(p_sync, pid_d, D, n_prog, n_sync, ok, GRID_SYNC, MAX_SPIN)
 
 
 @triton.heuristics({"G": _gates, "HAS_LEN": _given("p_len"), "HAS_PROJ": _given("p_whr"),
@@ -221,8 +225,9 @@ def scan_bwd_kernel(
         # W_hh[g*H + k, j] for k < H (BLOCK_K >= H) and units j (P = H without a projection; with
         # one, dh is formed over P units by lstm_proj_bwd_step, which streams W_hh instead).
         tl.device_assert(H <= BLOCK_K, "persistent: BLOCK_K must cover H")
+        p_w = p_whh + pid_d * GH * P
         o_w = offs_k[None, :] * P + offs_j[:, None]
-        w_0, w_1, w_2, w_3 = load_gate_weights(p_whh + pid_d * GH * P + o_w, H * P,
+        w_0, w_1, w_2, w_3 = load_gate_weights(p_w, H, P, o_w,
                                                mask_j[:, None] & (offs_k[None, :] < H), G, CDT, PREC)
     else:
         w_0, w_1, w_2, w_3 = None, None, None, None
@@ -244,7 +249,7 @@ def scan_bwd_kernel(
                                        p_dy, p_dhn, p_whh, p_len, p_dghbuf, p_carry, p_dhtot, p_dhp, p_dh0,
                                        HAS_LEN, BLOCK_B, BLOCK_K, BLOCK_H, PREC, CACHE)
                     n_sync += 1
-                    ok = step_barrier(p_sync, pid_d, D, n_prog * n_sync, ok, GRID_SYNC, MAX_SPIN)
+                    ok = step_barrier(p_sync, pid_d, D, n_prog, n_sync, ok, GRID_SYNC, MAX_SPIN)
                 p_r = p_whr + pid_d * P * H
                 p_dt = p_dhtot + pid_d * B * P
                 dh = tl.zeros((BLOCK_H, BLOCK_B), dtype=CDT)
@@ -296,9 +301,8 @@ def scan_bwd_kernel(
             # dxg (and GRU's separate dgh) in the output dtype; the work-dtype dgh ping-pong feeds
             # the next step's dh. Dead rows write zeros everywhere.
             p_dx = p_dxg + ((pid_d * T + t[None, :]) * B + offs_b[None, :]) * GH + offs_j[:, None]
-            store_live_gates(p_dx, H, mask_jb, live2, G, d_0, d_1, d_2, d_3)
             p_gb = p_dghbuf + ((s % 2) * D + pid_d) * B * GH + offs_b[None, :] * GH + offs_j[:, None]
-            store_live_gates(p_gb, H, mask_jb, live2, G, e_0, e_1, e_2, e_3)
+            store_gate_grads(p_dx, p_gb, H, mask_jb, live2, G, d_0, d_1, d_2, d_3, e_0, e_1, e_2, e_3)
             if MODE == "GRU":
                 p_dg = p_dgh + ((pid_d * T + t[None, :]) * B + offs_b[None, :]) * GH + offs_j[:, None]
                 store_live_gates(p_dg, H, mask_jb, live2, G, d_0, d_1, e_2, e_3)
@@ -318,7 +322,7 @@ def scan_bwd_kernel(
                 tl.store(p_dh0 + pid_d * B * P + o_own, dh.to(p_dh0.dtype.element_ty), mask=mask_jb)
         if PERSISTENT:
             n_sync += 1
-            ok = step_barrier(p_sync, pid_d, D, n_prog * n_sync, ok, GRID_SYNC, MAX_SPIN)
+            ok = step_barrier(p_sync, pid_d, D, n_prog, n_sync, ok, GRID_SYNC, MAX_SPIN)
 
 
 @triton.heuristics({"HAS_LEN": _given("p_len")})
