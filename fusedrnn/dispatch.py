@@ -10,12 +10,18 @@ Route (what runs a module call; recorded as ``module.last_backend``):
   Triton kernel.
 - An explicitly requested backend that cannot run raises BackendUnavailableError; nothing falls
   back silently.
+- Under torch.func.vmap "auto" that would be "torch" becomes "loop" too (torch's RNN ops have no
+  batching rule; the fusedrnn::layer op has one); an explicit "torch" raises there.
+- While torch.jit.trace or an ONNX exporter records, every backend takes the "torch" route: the
+  graph holds torch's own RNN op, which those exporters know (fusedrnn/export.py).
 
 Kernel (which implementation of the scan runs inside the fusedrnn::layer op; ``last_kernels``):
 - "loop" for the "loop" route; on the "triton" route "persistent" when
   fusedrnn.kernels.plan_for() can hold the layer on this device, else "stepwise".
 - The module's ``kernel`` attribute, or $FUSEDRNN_KERNEL when that is "auto", forces "stepwise" or
   "persistent"; a persistent kernel that cannot hold the layer raises.
+- While torch.compile / torch.export trace, the choice is left to the op ("auto", resolved inside
+  it from the concrete sizes), so that a traced graph does not specialize on the batch size.
 
 Nothing here touches a device or imports Triton at import time.
 """
@@ -83,13 +89,12 @@ def triton_problem(device):
     return f"Triton kernels do not support device type {device.type!r}"
 
 
-def exporting_torch_ops():
+def exporting_torch_ops(compiling):
     """Whether the call is being recorded by an exporter that knows torch's RNN ops and not
-    fusedrnn's: ONNX export (either exporter) or torch.jit.trace."""
-    if torch.jit.is_tracing():
-        return True
-    in_onnx_export = getattr(torch.onnx, "is_in_onnx_export", None)
-    return bool(in_onnx_export is not None and in_onnx_export())
+    fusedrnn's: torch.jit.trace (which the TorchScript-based ONNX exporter runs) or the dynamo-based
+    ONNX exporter (which runs torch.export, so `compiling` is true: only then is the ONNX flag,
+    ~4 us a read, worth reading)."""
+    return torch.jit.is_tracing() or (compiling and torch.onnx.is_in_onnx_export())
 
 
 def vmapping():
@@ -114,7 +119,7 @@ def _warn_once(message):
 
 def resolve(backend, device, compiling=False):
     """The route of one call: "torch", "reference", "triton" or "loop" (see the module docstring)."""
-    if exporting_torch_ops():
+    if exporting_torch_ops(compiling):
         # Export must not depend on the kernels: ONNX and TorchScript record torch's own RNN op.
         return "torch"
     requested = requested_backend(backend)

@@ -17,9 +17,9 @@ from torch import Tensor, _VF, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import ops  # noqa: F401  (registers the fusedrnn:: custom ops)
-from . import reference, tune
+from . import export, reference, tune
 from .dispatch import kernels as triton_kernels
-from .dispatch import requested_backend, resolve, triton_problem
+from .dispatch import exporting_torch_ops, requested_backend, resolve, triton_problem
 from .errors import (BadInputError, DtypeMismatchError, HiddenStatePairError, InputRankError, InputShapeError,
                      NotATensorError, StateRankError)
 from .functional import layer_weights, run_layers
@@ -284,7 +284,16 @@ class _Backend:
 
     def _route(self, device):
         """The route of this call (fusedrnn.dispatch): "torch", "reference", "triton" or "loop"."""
-        return resolve(self.backend, device, torch.compiler.is_compiling())
+        compiling = torch.compiler.is_compiling()
+        route = resolve(self.backend, device, compiling)
+        if route == "torch" and exporting_torch_ops(compiling) and torch.onnx.is_in_onnx_export():
+            export.check_onnx_exportable(self)
+        return route
+
+    def __prepare_scriptable__(self):
+        """What torch.jit.script compiles in place of this module: a torch.nn twin sharing its
+        Parameters (fusedrnn/export.py)."""
+        return export.scriptable_twin(self)
 
     def _record(self, route, kernels=(), decision=None):
         """last_backend: the route that ran; last_kernels: the kernel of each layer;
