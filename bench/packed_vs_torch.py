@@ -148,9 +148,14 @@ def points(args):
     if args.quick:
         grid = [(lay, T, 16, 128) for lay in LAYOUTS for T in (100, 1000)] + [("1L", 100, 64, 256)]
     else:
-        grid = [(lay, T, B, H) for lay in LAYOUTS for T in (100, 1000) for B in (16, 64) for H in (128, 256)]
+        grid = [(lay, T, B, H) for lay in args.layouts.split(",") for T in _ints(args.T)
+                for B in _ints(args.B) for H in _ints(args.H)]
     return [{"layout": lay, "T": T, "B": B, "H": H, "pass": ps} for (lay, T, B, H) in grid
-            for ps in ("training", "inference")]
+            for ps in args.passes.split(",")]
+
+
+def _ints(text):
+    return [int(v) for v in text.split(",")]
 
 
 def fmt(s):
@@ -212,6 +217,12 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(ROOT, "results"), help="output folder (default results/)")
     ap.add_argument("--quick", action="store_true", help="a few small points, short budgets")
     ap.add_argument("--mode", default="LSTM", choices=sorted(MODULES))
+    ap.add_argument("--layouts", default=",".join(LAYOUTS), help="subset of 1L,2L-bi (not with --quick)")
+    ap.add_argument("--T", default="100,1000", help="comma-separated (not with --quick)")
+    ap.add_argument("--B", default="16,64")
+    ap.add_argument("--H", default="128,256")
+    ap.add_argument("--passes", default="training,inference")
+    ap.add_argument("--tag", default="", help="suffix of the output files: packed-cpu-<date><tag>.*")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--seconds", type=float, default=None, help="budget per point (default 3; quick 1)")
     ap.add_argument("--min-reps", type=int, default=None, help="default 3 (quick 2)")
@@ -266,7 +277,7 @@ def main(argv=None):
     meta["load_after"] = os.getloadavg()[0]
     meta["wall_s"] = time.perf_counter() - t_all
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"packed-cpu-{date}")
+    stem = os.path.join(args.out, f"packed-cpu-{date}{args.tag}")
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     md = markdown(meta, rows)
