@@ -182,7 +182,7 @@ def _run_direction(mode, layout, x, h0, c0, weights, has_bias, training):
                     w_aug = torch.cat([weights[0], col], 1)
                 xs = torch.cat([xs, layout.flag(t0, t1, x.dtype)], 1)
                 w = [w_aug] + weights[1:]
-        xs = xs.view(n, b0, -1)
+        xs = xs.reshape(n, b0, -1)              # a view unless data is non-contiguous
         if lstm:
             y, h, c = fn(xs, (h[:, :b0], c[:, :b0]), w, has_bias, 1, 0.0, training, False, False)
             c_done.append(c[:, b1:])                  # rows that end in this segment (frozen c)
