@@ -2,7 +2,11 @@
 # The main job (README quick start): install, then verify the fused kernels against the float64
 # reference and benchmark them on this machine's best device (CUDA if present, else the CPU, where
 # the kernels run through the Triton interpreter and the timings compare the CPU paths).
-# Results go to bench/results/<device>-<date>/ (or $FUSEDRNN_RESULTS).
+# Results go to bench/out/<device>-<date>/ (or $FUSEDRNN_RESULTS); bench/out/ is git-ignored, and
+# results worth keeping are copied to bench/results/ by hand.
+# CPU timing: one torch thread, the calling thread's CPU time, providers interleaved, repetitions
+# from a time budget, the load watched at every point (see bench/README.md);
+# bench/reproducibility.py checks that two runs agree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if python -c "import torch, triton" 2>/dev/null; then
@@ -24,12 +28,14 @@ if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)
 else
     device=cpu
     name=cpu
-    quick=(--quick)
+    # verify: its CPU default (the quick grid, backends auto and triton); bench: the quick sweep on
+    # one pinned torch thread
+    quick=(--quick --threads 1)
     export TRITON_INTERPRET=1
 fi
-out="${FUSEDRNN_RESULTS:-bench/results/${name}-$(date +%Y-%m-%d)}"
+out="${FUSEDRNN_RESULTS:-bench/out/${name}-$(date +%Y-%m-%d)}"
 mkdir -p "$out"
-python -m fusedrnn verify --device "$device" "${quick[@]}" | tee "$out/verify.txt"
-python -m fusedrnn bench --device "$device" "${quick[@]}" --out "$out/bench.json" \
+python -m fusedrnn verify --device "$device" | tee "$out/verify.txt"
+python -m fusedrnn bench --device "$device" ${quick[@]+"${quick[@]}"} --out "$out/bench.json" \
     --md "$out/bench.md" --plot "$out/bench.png"
 echo "results in $out"

@@ -208,3 +208,117 @@ def test_real_triton_kernels_tiny():
     x = torch.randn(3, 2, 5, requires_grad=True)
     rep = V.verify(m, x, backend="triton", full=True)
     assert rep.passed, str(rep)
+
+
+# ---------------------------------------------------------------------------------------------
+# the default check: what the model runs here, bounded on CPU, with progress
+
+
+class _Encoder(nn.Module):
+    """An RNN inside a model: the bounded check finds it, with the structure it is called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.rnn = nn.LSTM(6, 9, num_layers=2, batch_first=True, bidirectional=True)
+        self.cell = nn.GRUCell(18, 5)
+
+    def forward(self, tokens):
+        y, _ = self.rnn(self.emb(tokens))
+        return self.cell(y[:, -1])
+
+
+def test_default_check_is_bounded_per_rnn_module_on_cpu(capsys):
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 11, (7, 40))  # B=7, T=40: more than the bounded check runs
+    rep = fusedrnn.verify(_Encoder(), tokens)
+    assert rep.passed, str(rep)
+    assert rep.backend is None and all(r.split(": ")[1] == "torch" for r in rep.routes), rep.routes
+    scope = " | ".join(rep.scope)
+    assert f"rnn (lstm 6->9, 2 layers, bidirectional): random inputs, T={V.MAX_STEPS} of 40, " \
+           f"B={V.MAX_BATCH} of 7" in scope
+    assert f"cell (grucell 18->5): random inputs, B={V.MAX_BATCH} of 7" in scope
+    assert {"rnn: out[0]", "rnn: grad weight_hh_l1_reverse", "cell: grad x"} <= set(rep.errors)
+    assert "full=True" in str(rep) and "checked: rnn (lstm" in str(rep)
+    err = capsys.readouterr().err
+    assert "fusedrnn.verify: 2 checks, in this process" in err and "s left]" in err
+    assert "PASSED in" in err
+
+
+def test_full_check_runs_the_whole_model_at_full_size():
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 11, (3, 20))
+    rep = fusedrnn.verify(_Encoder(), tokens, full=True, progress=False)
+    assert rep.passed, str(rep)
+    assert rep.scope == ["the whole model on the inputs given (full size)"]
+    assert {"out", "grad rnn.weight_ih_l0"} <= set(rep.errors)
+    assert rep.entries[0].shape == (3, 5)
+
+
+def test_progress_false_prints_nothing(capsys):
+    m, x = _lstm_case()
+    assert fusedrnn.verify(m, x, progress=False).passed
+    assert capsys.readouterr().err == ""
+
+
+def test_bad_arguments_name_the_argument():
+    m, x = _lstm_case()
+    with pytest.raises(ValueError, match="backend must be one of .*got 'cuda'"):
+        fusedrnn.verify(m, x, backend="cuda")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got function"):
+        fusedrnn.verify(lambda t: t, x)
+    with pytest.raises(ValueError, match="called no LSTM/GRU/RNN module"):
+        fusedrnn.verify(nn.Linear(5, 3), torch.randn(2, 5))
+
+
+@pytest.mark.triton
+def test_bounded_interpreter_check_uses_small_sizes_and_the_full_size_kernel():
+    """Triton on CPU in this process (the interpreter is on under the test suite): the layer in
+    its own configuration at the interpreter's sizes, with the kernel the full-size layer gets."""
+    _kernels_or_skip()
+    torch.manual_seed(0)
+    m = fusedrnn.LSTM(40, 64, num_layers=2, bidirectional=True, proj_size=24, backend="triton")
+    x = torch.randn(9, 5, 40)
+    rep = fusedrnn.verify(m, x, progress=False)
+    assert rep.passed, str(rep)
+    (scope,) = rep.scope
+    assert (f"T={V.INTERP_STEPS} of 9, B={V.INTERP_BATCH} of 5, sizes lstm "
+            f"{V.INTERP_INPUT}->{V.INTERP_HIDDEN} proj {V.INTERP_HIDDEN // 2}") in scope
+    from fusedrnn import kernels
+    full = kernels.plan_for("LSTM", 2, 5, 64, 24, torch.float32, torch.device("cpu"))
+    want = "persistent" if full is not None else "stepwise"
+    assert f"kernel {want} (as at full size)" in scope
+    assert rep.routes == [f"triton/{want}"]
+
+
+CHILD_SCRIPT = """
+import torch, fusedrnn
+torch.manual_seed(0)
+m = fusedrnn.GRU(6, 8, bidirectional=True, backend="triton")
+rep = fusedrnn.verify(m, torch.randn(3, 2, 6))
+print(rep)
+assert rep.passed and rep.routes and rep.routes[0].startswith("triton")
+assert any("child process" in n for n in rep.notes)
+"""
+
+
+@pytest.mark.triton
+def test_triton_on_cpu_without_the_interpreter_runs_in_a_child_process(tmp_path):
+    """A user who set nothing: the parent has no TRITON_INTERPRET, verify runs the kernels through
+    the interpreter in a child process, whose progress reaches the parent's stderr."""
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the module's CPU tensors are the only reason for a child")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    script = tmp_path / "child.py"
+    script.write_text(CHILD_SCRIPT)
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "PASSED" in r.stdout and "through Triton's interpreter in a child process" in r.stderr
+    assert "fusedrnn.verify (interpreter): the modules' own backend: forward took" in r.stderr

@@ -68,10 +68,11 @@ def method_lines(env):
              f"interleaved call by call (rotating who goes first); repetitions from a budget of "
              f"{m.get('budget_s'):g} s per provider and point (min {m.get('min_reps')}, max "
              f"{m.get('max_reps')}) after 2 warm-up calls; median, p20, p80"]
-    lines.append(f"- load watched per point: a point is re-measured (up to {m.get('retries')} times) "
-                 f"when the 1-minute load average exceeded {m.get('max_load'):g} or the timed "
-                 f"calls' wall time exceeded {m.get('max_stretch'):g}x their CPU time; still noisy "
-                 "after that: marked 'noisy' in the note")
+    lines.append(f"- load watched per point: a point is measured again (up to {m.get('retries')} "
+                 f"times) while the 1-minute load average exceeds {m.get('max_load'):g} or the timed "
+                 f"calls' wall time exceeds {m.get('max_stretch'):g}x their CPU time, and each "
+                 "provider keeps the lowest of its tries' medians (a disturbance only adds time); "
+                 "still disturbed at the last try: marked 'noisy' in the note")
     return lines
 
 

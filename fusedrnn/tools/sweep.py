@@ -20,7 +20,8 @@ or load hit all of them alike; repetitions from a time budget; median, p20, p80.
 the calling thread's CPU time (time.thread_time) when torch runs one thread (the default: a
 shared machine's other processes then cost waiting time, not measured time), wall time otherwise.
 The 1-minute load average and the timed calls' wall/CPU ratio are watched at every point: a noisy
-point is measured again, and marked "noisy" if it stays so.
+point is measured again (each provider keeps the lowest of its tries' medians: a disturbance only
+adds time), and marked "noisy" if it stays so.
 Reported per record: ms, tokens/s (T·B per second), achieved TFLOP/s (roofline.flops), peak memory
 (GPU: torch.cuda.max_memory_allocated after a reset, for one call), time ratio to the baseline
 (cudnn on GPU, torch-cpu on CPU; < 1 is faster), and the roofline floors (fusedrnn/tools/roofline.py)
@@ -323,27 +324,35 @@ def time_cpu_interleaved(runs, timing):
 
 def time_cpu_point(runs, timing):
     """time_cpu_interleaved with the load watched: measured again (up to timing.retries times)
-    while the load average or the wall/CPU stretch says the point was disturbed; the least
-    disturbed measurement is kept. Returns (results, errors, watch) where watch = {"load": max
-    load seen, "stretch": stretch kept, "tries": n, "noisy": bool}."""
-    best = None
-    for attempt in range(1 + max(0, timing.retries)):
+    while the load average or the wall/CPU stretch says the point was disturbed. A disturbance
+    only ever adds time (another process on the core or its SMT sibling, evicted caches), so each
+    provider keeps the lowest of its tries' medians (with that try's p20/p80). Returns (results,
+    errors, watch) where watch = {"load": max load seen, "stretch": max wall/CPU ratio, "tries": n,
+    "noisy": whether the last try was still disturbed}."""
+    best, errors, loads, stretches = {}, {}, [], []
+    noisy = False
+    tries = 0
+    for _ in range(1 + max(0, timing.retries)):
+        tries += 1
         l0 = _load()
-        res, errors, stretch = time_cpu_interleaved(runs, timing)
+        res, errs, stretch = time_cpu_interleaved(runs, timing)
         l1 = _load()
-        loads = [v for v in (l0, l1) if v is not None]
-        load = max(loads) if loads else None
-        noisy = ((load is not None and load > timing.max_load)
+        errors.update(errs)
+        for name, q in res.items():
+            if name not in best or q[0] < best[name][0]:
+                best[name] = q
+        here = [v for v in (l0, l1) if v is not None]
+        loads += here
+        if stretch is not None:
+            stretches.append(stretch)
+        noisy = ((bool(here) and max(here) > timing.max_load)
                  or (stretch is not None and stretch > timing.max_stretch))
-        watch = {"load": load, "stretch": stretch, "tries": attempt + 1, "noisy": noisy}
-        key = (noisy, stretch or 0.0)
-        if best is None or key < best[0]:
-            best = (key, res, errors, watch)
         if not noisy or errors:
             break
-    _, res, errors, watch = best
-    watch["tries"] = attempt + 1
-    return res, errors, watch
+    best = {n: q for n, q in best.items() if n not in errors}
+    watch = {"load": max(loads) if loads else None,
+             "stretch": max(stretches) if stretches else None, "tries": tries, "noisy": noisy}
+    return best, errors, watch
 
 
 # ----------------------------------------------------------------------------------------------
