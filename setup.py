@@ -20,6 +20,8 @@ setup(
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-benchmark"],
         "bench": ["matplotlib", "tqdm", "pytest-benchmark"],
+        # ONNX export tests (tests/test_onnx.py): both of torch's exporters and onnxruntime.
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],
     },
     entry_points={"console_scripts": ["fusedrnn=fusedrnn.tools.cli:main"]},
 )

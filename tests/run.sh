@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 # torch first, pinned: the CPU build lies on disk here, while an unpinned torch would pull a
 # multi-GB CUDA build. A machine that already has torch (e.g. a GPU box) keeps its own.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,bench]"
+python -m pip install -q -e ".[test,bench,onnx]"
 exec python -m pytest tests "$@"
