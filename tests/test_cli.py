@@ -311,3 +311,40 @@ def test_cpu_timing_marks_a_disturbed_point_noisy(monkeypatch):
     assert r["note"].startswith("noisy after 2 tries (load 9.0")
     with pytest.raises(ValueError, match="clock must be 'cpu' or 'wall', got 'sundial'"):
         sweep.CpuTiming(clock="sundial")
+
+
+def test_runtime_never_imports_the_tools():
+    """The runtime (every module of fusedrnn/ but the package's lazy `verify` attribute and the
+    `python -m fusedrnn` entry) has no import of fusedrnn.tools, statically or at run time."""
+    import ast
+
+    pkg = os.path.join(ROOT, "fusedrnn")
+    for name in sorted(os.listdir(pkg)):
+        if not name.endswith(".py") or name in ("__main__.py",):
+            continue
+        tree = ast.parse(open(os.path.join(pkg, name), encoding="utf-8").read())
+        lazy = {id(n) for f in tree.body if name == "__init__.py" and isinstance(f, ast.FunctionDef)
+                and f.name == "__getattr__" for n in ast.walk(f)}
+        for node in ast.walk(tree):
+            if id(node) in lazy:
+                continue
+            if isinstance(node, ast.ImportFrom):
+                target = ("." * node.level) + (node.module or "")
+                bad = "tools" in target.split(".") or (
+                    target.strip(".") in ("", "fusedrnn") and any(a.name == "tools" for a in node.names))
+            elif isinstance(node, ast.Import):
+                bad = any(a.name.startswith("fusedrnn.tools") for a in node.names)
+            else:
+                continue
+            assert not bad, f"fusedrnn/{name}:{node.lineno} imports the tools"
+    code = ("import sys, torch, fusedrnn\n"
+            "m = fusedrnn.LSTM(3, 4, num_layers=2, bidirectional=True)\n"
+            "y, _ = m(torch.randn(5, 2, 3)); y.sum().backward()\n"
+            "c = fusedrnn.GRUCell(3, 4); c(torch.randn(2, 3))\n"
+            "fusedrnn.convert(torch.nn.Sequential(torch.nn.RNN(3, 4)))\n"
+            "print(sorted(k for k in sys.modules if k.startswith('fusedrnn.tools')))\n")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "[]", r.stdout
