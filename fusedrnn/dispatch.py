@@ -89,12 +89,21 @@ def triton_problem(device):
     return f"Triton kernels do not support device type {device.type!r}"
 
 
+@torch.compiler.assume_constant_result
+def onnx_exporting():
+    """torch.onnx.is_in_onnx_export(), also when read inside a graph that dynamo traces (the
+    dynamo-based ONNX exporter's strict strategy): dynamo folds that call to False, while an
+    assume_constant_result function is run at trace time and its value kept."""
+    return torch.onnx.is_in_onnx_export()
+
+
 def exporting_torch_ops(compiling):
     """Whether the call is being recorded by an exporter that knows torch's RNN ops and not
     fusedrnn's: torch.jit.trace (which the TorchScript-based ONNX exporter runs) or the dynamo-based
     ONNX exporter (which runs torch.export, so `compiling` is true: only then is the ONNX flag,
     ~4 us a read, worth reading)."""
-    return torch.jit.is_tracing() or (compiling and torch.onnx.is_in_onnx_export())
+    # torch._C._is_tracing is torch.jit.is_tracing without its Python wrapper: this runs on every call.
+    return torch._C._is_tracing() or (compiling and onnx_exporting())
 
 
 def vmapping():

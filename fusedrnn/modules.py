@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import PackedSequence
 from . import ops  # noqa: F401  (registers the fusedrnn:: custom ops)
 from . import export, reference, tune
 from .dispatch import kernels as triton_kernels
-from .dispatch import exporting_torch_ops, requested_backend, resolve, triton_problem
+from .dispatch import exporting_torch_ops, onnx_exporting, requested_backend, resolve, triton_problem
 from .errors import (BadInputError, DtypeMismatchError, HiddenStatePairError, InputRankError, InputShapeError,
                      NotATensorError, StateRankError)
 from .functional import layer_weights, run_layers
@@ -287,7 +287,7 @@ class _Backend:
         """The route of this call (fusedrnn.dispatch): "torch", "reference", "triton" or "loop"."""
         compiling = torch.compiler.is_compiling()
         route = resolve(self.backend, device, compiling)
-        if route == "torch" and exporting_torch_ops(compiling) and torch.onnx.is_in_onnx_export():
+        if route == "torch" and exporting_torch_ops(compiling) and onnx_exporting():
             export.check_onnx_exportable(self)
         return route
 
