@@ -6,11 +6,13 @@ are imported only when used: `fusedrnn.verify` is the function fusedrnn.tools.ve
 """
 from .convert import convert, patch_torch
 from .errors import BackendUnavailableError
+from .layernorm import LayerNormGRU, LayerNormGRUCell, LayerNormLSTM, LayerNormLSTMCell
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from .spec import BACKENDS
 
 __version__ = "0.1.0"
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "patch_torch", "verify", "BACKENDS",
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM", "LayerNormGRU",
+           "LayerNormLSTMCell", "LayerNormGRUCell", "convert", "patch_torch", "verify", "BACKENDS",
            "BackendUnavailableError"]
 
 

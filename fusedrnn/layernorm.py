@@ -1,0 +1,852 @@
+"""LayerNorm LSTM and GRU (Ba et al. 2016, in the formulation haste uses): layers, cells, the
+readable reference, the PyTorch scan with a hand-written backward, and the custom ops.
+
+Equations (gate order and plain parameters as torch.nn; LN(v; γ, β) = γ·(v − mean v)/sqrt(var v +
+1e-5) + β over the last dimension, biased variance, as torch.nn.functional.layer_norm):
+
+    LSTM   gates = LN(W_ih x; γ_ih) + LN(W_hh h; γ_hh) + b_ih + b_hh        (4H: i, f, g, o)
+           i, f, o = σ(·), g = tanh(·)
+           c' = f·c + i·g                                                  (carried un-normalized)
+           h' = o·tanh(LN(c'; γ_c, β_c))
+    GRU    x_r, x_z, x_n = LN(W_ih x; γ_ih) + b_ih                          (3H: r, z, n)
+           h_r, h_z, h_n = LN(W_hh h; γ_hh) + b_hh
+           r = σ(x_r + h_r), z = σ(x_z + h_z), n = tanh(x_n + r·h_n)
+           h' = (1 − z)·n + z·h
+
+The LSTM's two biases are one shared bias (only their sum matters); both are kept so that an
+nn.LSTM's state_dict loads unchanged. The LayerNorm gains/biases are extra parameters:
+``ln_ih_weight_l{k}`` (γ_ih, G·H), ``ln_hh_weight_l{k}`` (γ_hh, G·H), and for the LSTM
+``ln_c_weight_l{k}`` (γ_c, H), ``ln_c_bias_l{k}`` (β_c, H), ``_reverse`` for the second direction
+(cells: the same names without the layer suffix). Gains start at 1, LN biases at 0, the plain
+weights as torch.nn (uniform(−1/√H, 1/√H)).
+
+Where each piece runs:
+    reference    ln_cell_step / ln_layer_direction / ln_rnn: plain step loop, autograd backward
+                 (the oracle; run in float64 by the tests)
+    "loop"       scan_forward / scan_backward below: the scan contract in PyTorch, hand-written
+                 backward; the CPU default (backend "auto" / "torch" on CPU) and what torch.compile
+                 runs on CPU
+    "stepwise" / "persistent"   fusedrnn.kernels.layernorm (Triton), the same contract
+
+The scan contract (both implementations), shapes as in docs/design.md plus:
+    xg     (D, T, B, GH)  LN(x W_ih^T; γ_ih) + b (LSTM: b_ih + b_hh; GRU: b_ih), work dtype
+    g_h    (D, GH)  γ_hh      b_h (D, GH) GRU's b_hh or None      g_c, b_c (D, H) LSTM's γ_c, β_c
+    workspace (when save; work dtype, indexed by time like the plain contract):
+    hp     (D, T, B, H)   h entering the step
+    hw     (D, T, B, GH)  h W_hh^T before its LayerNorm
+    stats  (D, T, B, S)   mean and rstd of that LayerNorm; LSTM also of LN(c') (S = 4, else 2)
+    gates  (D, T, B, 4H)  LSTM i, f, g, o; GRU r, z, n, h_n (= LN(W_hn h) γ + b_hn)
+    cs     (D, T, B, C)   LSTM c entering the step (C = H), else C = 0
+scan_forward(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save)
+    -> y, hn, cn, hp, hw, stats, gates, cs
+scan_backward(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp, hw, stats, gates, cs)
+    -> dxg (D, T, B, GH), dhw (D, T, B, GH) (grad of h W_hh^T, before LN), dh0, dc0,
+       dg_h (D, R, GH), db_h (D, R, GH) (GRU, else empty), dg_c (D, R, H), db_c (D, R, H) (LSTM,
+       else empty): partial sums over time (and over groups of rows: R is any size, the caller
+       sums dimension 1).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import reference
+from .dispatch import kernels as _triton_package
+from .dispatch import resolve
+from .errors import BackendUnavailableError, InputRankError, InputShapeError, NotATensorError, StateRankError
+from .modules import (_FusedRNNBase, _Backend, _autocast_on, _cast_weights, _compute_dtype, _describe,
+                      _initial_states, _no_autocast, _prepare_input)
+from .spec import BACKENDS, GATES, KERNEL_CHOICES, LOOP_KERNEL, check_choice, work_dtype
+
+log = logging.getLogger("fusedrnn")
+
+EPS = 1e-5
+LN_MODES = ("LSTM", "GRU")
+
+
+# =============================================================================== the reference
+def ln_lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c, eps=EPS):
+    """One LayerNorm LSTM step. x (B, I), h (B, H), c (B, H) -> (h', c')."""
+    GH = w_hh.shape[0]
+    gates = (F.layer_norm(F.linear(x, w_ih), (GH,), g_ih, None, eps)
+             + F.layer_norm(F.linear(h, w_hh), (GH,), g_hh, None, eps))
+    if b_ih is not None:
+        gates = gates + b_ih + b_hh
+    i, f, g, o = gates.chunk(4, dim=-1)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    c_new = f * c + i * g
+    h_new = o * torch.tanh(F.layer_norm(c_new, (c.shape[-1],), g_c, b_c, eps))
+    return h_new, c_new
+
+
+def ln_gru_cell(x, h, w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, eps=EPS):
+    """One LayerNorm GRU step (r multiplies the normalized h_n, as torch.nn.GRU's r multiplies
+    W_hn h + b_hn). x (B, I), h (B, H) -> h'."""
+    GH = w_hh.shape[0]
+    x_r, x_z, x_n = F.layer_norm(F.linear(x, w_ih), (GH,), g_ih, b_ih, eps).chunk(3, dim=-1)
+    h_r, h_z, h_n = F.layer_norm(F.linear(h, w_hh), (GH,), g_hh, b_hh, eps).chunk(3, dim=-1)
+    r = torch.sigmoid(x_r + h_r)
+    z = torch.sigmoid(x_z + h_z)
+    n = torch.tanh(x_n + r * h_n)
+    return (1 - z) * n + z * h
+
+
+def ln_cell_step(mode, x, state, weights):
+    """One step. state (h,) or (h, c); weights (w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c)."""
+    w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c = weights
+    if mode == "LSTM":
+        return ln_lstm_cell(x, state[0], state[1], w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c)
+    return (ln_gru_cell(x, state[0], w_ih, w_hh, b_ih, b_hh, g_ih, g_hh),)
+
+
+def ln_layer_direction(mode, x, state, weights, lengths=None, reverse=False):
+    """One direction of one layer over a padded (T, B, I) sequence; the same length semantics as
+    fusedrnn.reference.layer_direction. Returns y (T, B, H) and the final state tuple."""
+    T, B = x.shape[0], x.shape[1]
+    if lengths is None:
+        lengths = torch.full((B,), T, dtype=torch.long, device=x.device)
+    if reverse:
+        idx = reference.reverse_index(lengths, T)
+        x = x.gather(0, idx[:, :, None].expand_as(x))
+    ys = []
+    for t in range(T):
+        new_state = ln_cell_step(mode, x[t], state, weights)
+        alive = (t < lengths)[:, None]
+        state = tuple(torch.where(alive, n, s) for n, s in zip(new_state, state))
+        ys.append(torch.where(alive, new_state[0], torch.zeros_like(new_state[0])))
+    y = torch.stack(ys)
+    if reverse:
+        y = y.gather(0, idx[:, :, None].expand_as(y))
+    return y, state
+
+
+def ln_rnn(mode, x, hx, layer_weights, num_layers, bidirectional, lengths=None, dropout=0.0, training=False):
+    """The whole stack, time-major: x (T, B, I), hx (h0,) or (h0, c0) of (L*D, B, H), layer_weights
+    one 8-tuple per (layer, direction). Returns y (T, B, D*H) and the tuple of final states."""
+    D = 2 if bidirectional else 1
+    finals = []
+    layer_in = x
+    for layer in range(num_layers):
+        outs = []
+        for d in range(D):
+            k = layer * D + d
+            y, final = ln_layer_direction(mode, layer_in, tuple(s[k] for s in hx), layer_weights[k],
+                                          lengths, reverse=d == 1)
+            outs.append(y)
+            finals.append(final)
+        layer_in = torch.cat(outs, dim=-1)
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_in = F.dropout(layer_in, dropout, training=True)
+    return layer_in, tuple(torch.stack([f[i] for f in finals]) for i in range(len(hx)))
+
+
+# ====================================================== the scan in PyTorch (hand-written backward)
+_ln_bwd = torch.ops.aten.native_layer_norm_backward.default
+
+
+def stats_width(mode):
+    return 4 if mode == "LSTM" else 2
+
+
+def _step_index(lengths, T, B, s, reverse, device):
+    """(index into (D, T, B, ...) buffers after d, index into y's (T, B) dims, live mask or None).
+    Without lengths every row is at the same time index: plain slicing, no gather."""
+    if lengths is None:
+        tt = T - 1 - s if reverse else s
+        return (tt,), (tt, slice(None)), None
+    s_t = torch.full((B,), s, dtype=torch.long, device=device)
+    alive = s_t < lengths
+    # dead rows (s >= length) point at the padded position t = s, which no live step touches
+    t = torch.where(alive, lengths - 1 - s_t, s_t) if reverse else s_t
+    rows = torch.arange(B, device=device)
+    return (t, rows), (t, rows), alive[:, None]
+
+
+def scan_forward(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save):
+    D, T, B, GH = xg.shape
+    H = w_hh.shape[2]
+    lstm = mode == "LSTM"
+    dt, dev = h0.dtype, xg.device
+    wdt = work_dtype(dt)
+    y = torch.empty(T, B, D * H, dtype=dt, device=dev)
+    hn = torch.empty(D, B, H, dtype=dt, device=dev)
+    cn = torch.empty(D, B, H, dtype=dt, device=dev) if lstm else h0.new_empty(0)
+    S = stats_width(mode)
+    if save:
+        hp = torch.empty(D, T, B, H, dtype=wdt, device=dev)
+        hw = torch.empty(D, T, B, GH, dtype=wdt, device=dev)
+        stats = torch.empty(D, T, B, S, dtype=wdt, device=dev)
+        gates = torch.empty(D, T, B, 4 * H, dtype=wdt, device=dev)
+        cs = torch.empty(D, T, B, H if lstm else 0, dtype=wdt, device=dev)
+    else:
+        hp, hw, stats, gates, cs = (h0.new_empty(0, dtype=wdt) for _ in range(5))
+    for d in range(D):
+        h = h0[d].to(wdt)
+        c = c0[d].to(wdt) if lstm else None
+        w_t = w_hh[d].to(wdt).t()
+        gh = g_h[d].to(wdt)
+        bh = b_h[d].to(wdt) if b_h is not None else None
+        gc, bc = (g_c[d].to(wdt), b_c[d].to(wdt)) if lstm else (None, None)
+        ysl = slice(d * H, (d + 1) * H)
+        for s in range(T):
+            idx, yidx, a = _step_index(lengths, T, B, s, d == 1, dev)
+            idx = (d,) + idx
+            xt = xg[idx].to(wdt)
+            hw_t = h @ w_t
+            hh, mu_h, r_h = torch.native_layer_norm(hw_t, (GH,), gh, bh, EPS)
+            if lstm:
+                pre = xt + hh
+                sv = torch.sigmoid(pre)
+                sv[:, 2 * H:3 * H] = torch.tanh(pre[:, 2 * H:3 * H])
+                i, f, g, o = sv.chunk(4, dim=-1)
+                c_new = torch.addcmul(f * c, i, g)
+                cnorm, mu_c, r_c = torch.native_layer_norm(c_new, (H,), gc, bc, EPS)
+                h_new = o * torch.tanh(cnorm)
+            else:
+                rz = torch.sigmoid(xt[:, :2 * H] + hh[:, :2 * H])
+                r, z = rz[:, :H], rz[:, H:]
+                hh_n = hh[:, 2 * H:]
+                n = torch.tanh(torch.addcmul(xt[:, 2 * H:], r, hh_n))
+                h_new = torch.addcmul(n, z, h - n)
+            if save:
+                hp[idx] = h
+                hw[idx] = hw_t
+                if lstm:
+                    stats[idx] = torch.cat([mu_h, r_h, mu_c, r_c], dim=-1)
+                    gates[idx] = sv
+                    cs[idx] = c
+                else:
+                    stats[idx] = torch.cat([mu_h, r_h], dim=-1)
+                    gates[idx] = torch.cat([rz, n, hh_n], dim=-1)
+            if a is None:
+                y[yidx + (ysl,)] = h_new.to(dt)
+                h = h_new
+                if lstm:
+                    c = c_new
+            else:
+                y[yidx + (ysl,)] = torch.where(a, h_new, 0).to(dt)
+                h = torch.where(a, h_new, h)
+                if lstm:
+                    c = torch.where(a, c_new, c)
+        hn[d] = h.to(dt)
+        if lstm:
+            cn[d] = c.to(dt)
+    return y, hn, cn, hp, hw, stats, gates, cs
+
+
+def scan_backward(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp, hw, stats, gates, cs):
+    D, T, B, H = hp.shape
+    GH = w_hh.shape[1]
+    lstm = mode == "LSTM"
+    wdt, dev = hp.dtype, hp.device
+    dxg = torch.empty(D, T, B, GH, dtype=wdt, device=dev)
+    dhw = torch.empty(D, T, B, GH, dtype=wdt, device=dev)
+    dh0 = torch.empty(D, B, H, dtype=wdt, device=dev)
+    dc0 = torch.empty(D, B, H, dtype=wdt, device=dev) if lstm else hp.new_empty(0)
+    dg_h = torch.zeros(D, 1, GH, dtype=wdt, device=dev)
+    db_h = torch.zeros(D, 1, GH, dtype=wdt, device=dev) if not lstm and b_h is not None else hp.new_empty(0)
+    dg_c = torch.zeros(D, 1, H, dtype=wdt, device=dev) if lstm else hp.new_empty(0)
+    db_c = torch.zeros(D, 1, H, dtype=wdt, device=dev) if lstm else hp.new_empty(0)
+    for d in range(D):
+        whh = w_hh[d].to(wdt)
+        gh = g_h[d].to(wdt)
+        bh = b_h[d].to(wdt) if b_h is not None and not lstm else None
+        gc, bc = (g_c[d].to(wdt), b_c[d].to(wdt)) if lstm else (None, None)
+        dh = dhn[d].to(wdt)
+        dc = dcn[d].to(wdt) if lstm else None
+        ysl = slice(d * H, (d + 1) * H)
+        for s in reversed(range(T)):
+            idx, yidx, a = _step_index(lengths, T, B, s, d == 1, dev)
+            idx = (d,) + idx
+            dy_t = dy[yidx + (ysl,)].to(wdt)
+            if a is None:
+                dh_t = dh + dy_t
+                dhl = dh_t
+            else:
+                dh_t = dh + torch.where(a, dy_t, 0)
+                dhl = torch.where(a, dh_t, 0)
+            st = stats[idx]
+            if lstm:
+                sv = gates[idx]
+                i, f, g, o = sv.chunk(4, dim=-1)
+                c_prev = cs[idx]
+                c_new = torch.addcmul(f * c_prev, i, g)
+                mu_c, r_c = st[:, 2:3].contiguous(), st[:, 3:4].contiguous()
+                tc = torch.tanh(torch.addcmul(bc, (c_new - mu_c) * r_c, gc))
+                dcnorm = dhl * o * (1 - tc * tc)
+                dcnew, dgc, dbc = _ln_bwd(dcnorm, c_new, (H,), mu_c, r_c, gc, bc, [True, True, True])
+                dg_c[d, 0] += dgc
+                db_c[d, 0] += dbc
+                dc_t = dc + dcnew
+                dpre = torch.cat([dc_t * g * i * (1 - i), dc_t * c_prev * f * (1 - f),
+                                  dc_t * i * (1 - g * g), dhl * tc * o * (1 - o)], dim=-1)
+                if a is not None:
+                    dpre = torch.where(a, dpre, 0)
+                dhh = dpre
+            else:
+                r, z, n, hh_n = gates[idx].chunk(4, dim=-1)
+                h_prev = hp[idx]
+                dn = dhl * (1 - z) * (1 - n * n)
+                dz = dhl * (h_prev - n) * z * (1 - z)
+                dr = dn * hh_n * r * (1 - r)
+                dpre = torch.cat([dr, dz, dn], dim=-1)
+                dhh = torch.cat([dr, dz, dn * r], dim=-1)
+            dxg[idx] = dpre
+            dhw_t, dgh, dbh = _ln_bwd(dhh, hw[idx], (GH,), st[:, 0:1].contiguous(), st[:, 1:2].contiguous(), gh, bh,
+                                      [True, True, bh is not None])
+            dhw[idx] = dhw_t
+            dg_h[d, 0] += dgh
+            if bh is not None:
+                db_h[d, 0] += dbh
+            dh_prev = dhw_t @ whh
+            if not lstm:
+                dh_prev = torch.addcmul(dh_prev, dhl, z)
+            if a is None:
+                dh = dh_prev
+                if lstm:
+                    dc = dc_t * f
+            else:
+                dh = torch.where(a, dh_prev, dh_t)
+                if lstm:
+                    dc = torch.where(a, dc_t * f, dc)
+        dh0[d] = dh
+        if lstm:
+            dc0[d] = dc
+    return dxg, dhw, dh0, dc0, dg_h, db_h, dg_c, db_c
+
+
+# ================================================================================ the custom ops
+_KERNELS = []
+
+
+def triton_kernels():
+    """fusedrnn.kernels.layernorm (imported on first use, like fusedrnn.kernels)."""
+    if not _KERNELS:
+        _triton_package()  # raises BackendUnavailableError with the reason when Triton cannot load
+        _KERNELS.append(importlib.import_module("fusedrnn.kernels.layernorm"))
+    return _KERNELS[0]
+
+
+def choose_kernel(route, kernel, mode, D, B, H, dtype, device):
+    """The scan implementation of one layer: "loop" on the loop route; on the triton route
+    "persistent" when fusedrnn.kernels.layernorm.ln_plan holds the layer on this device, else
+    "stepwise"; an explicit kernel wins ("persistent" that cannot be planned raises). Under
+    torch.compile the op resolves "auto" itself from the concrete sizes."""
+    if route == "loop":
+        return LOOP_KERNEL
+    if kernel == "stepwise":
+        return kernel
+    if torch.compiler.is_compiling():
+        return kernel
+    if triton_kernels().ln_plan(mode, D, B, H, dtype, device) is not None:
+        return "persistent"
+    if kernel == "persistent":
+        raise BackendUnavailableError(
+            f"kernel='persistent' cannot hold this LayerNorm layer (mode={mode}, directions={D}, "
+            f"batch={B}, hidden={H}, dtype={dtype}) on {device}; use kernel='stepwise'")
+    return "stepwise"
+
+
+def _scan(kernel, allow_tf32, mode, x, w_hh):
+    if kernel == LOOP_KERNEL:
+        return scan_forward, scan_backward, {}
+    if kernel == "auto":
+        D, GH, H = w_hh.shape
+        kernel = choose_kernel("triton", "auto", mode, D, x.shape[1], H, x.dtype, x.device)
+    k = triton_kernels()
+    return k.ln_scan_forward, k.ln_scan_backward, {"kernel": kernel, "allow_tf32": allow_tf32}
+
+
+def _input_side(x, w_ih):
+    """x W_ih^T for every direction: (D, T*B, GH) in the work dtype."""
+    T, B, I = x.shape
+    D = w_ih.shape[0]
+    xw = torch.bmm(x.reshape(1, T * B, I).expand(D, T * B, I), w_ih.transpose(1, 2))
+    return xw.to(work_dtype(x.dtype))
+
+
+def _vec(t, d, wdt):
+    return None if t is None else t[d].to(wdt)
+
+
+@torch.library.custom_op("fusedrnn::ln_layer", mutates_args=())
+def ln_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_x: Optional[Tensor], b_h: Optional[Tensor],
+             g_x: Tensor, g_h: Tensor, g_c: Optional[Tensor], b_c: Optional[Tensor], h0: Tensor,
+             c0: Optional[Tensor], lengths: Optional[Tensor], mode: str, kernel: str, save: bool,
+             allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One LayerNorm layer, all directions: y, hn, cn and the workspace hp, hw, stats, gates, cs.
+    The input side (x W_ih^T, its LayerNorm, the bias b_x) is one batched matmul and one fused
+    LayerNorm over all steps; the scan does the rest."""
+    forward, _, kw = _scan(kernel, allow_tf32, mode, x, w_hh)
+    T, B, _ = x.shape
+    D, GH, _ = w_ih.shape
+    wdt = work_dtype(x.dtype)
+    xw = _input_side(x, w_ih)
+    xg = torch.stack([F.layer_norm(xw[d], (GH,), g_x[d].to(wdt), _vec(b_x, d, wdt), EPS) for d in range(D)])
+    return tuple(forward(mode, xg.view(D, T, B, GH), w_hh.contiguous(), g_h.contiguous(),
+                         None if b_h is None else b_h.contiguous(), g_c, b_c, h0.contiguous(),
+                         None if c0 is None else c0.contiguous(), lengths, save, **kw))
+
+
+@ln_layer.register_fake
+def _ln_layer_fake(x, w_ih, w_hh, b_x, b_h, g_x, g_h, g_c, b_c, h0, c0, lengths, mode, kernel, save,
+                   allow_tf32):
+    T, B, _ = x.shape
+    D, GH, H = w_hh.shape
+    wdt = work_dtype(x.dtype)
+    lstm = mode == "LSTM"
+    y, hn = x.new_empty(T, B, D * H), x.new_empty(D, B, H)
+    cn = x.new_empty(D, B, H) if lstm else x.new_empty(0)
+    if not save:
+        return (y, hn, cn) + tuple(x.new_empty(0, dtype=wdt) for _ in range(5))
+    return (y, hn, cn, x.new_empty(D, T, B, H, dtype=wdt), x.new_empty(D, T, B, GH, dtype=wdt),
+            x.new_empty(D, T, B, stats_width(mode), dtype=wdt), x.new_empty(D, T, B, 4 * H, dtype=wdt),
+            x.new_empty(D, T, B, H if lstm else 0, dtype=wdt))
+
+
+@torch.library.custom_op("fusedrnn::ln_layer_backward", mutates_args=())
+def ln_layer_backward(dy: Tensor, dhn: Tensor, dcn: Optional[Tensor], x: Tensor, w_ih: Tensor, w_hh: Tensor,
+                      b_x: Optional[Tensor], b_h: Optional[Tensor], g_x: Tensor, g_h: Tensor,
+                      g_c: Optional[Tensor], b_c: Optional[Tensor], lengths: Optional[Tensor], hp: Tensor,
+                      hw: Tensor, stats: Tensor, gates: Tensor, cs: Tensor, mode: str, kernel: str,
+                      allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                 Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ln_layer: dx, dw_ih, dw_hh, db_x, db_h, dg_x, dg_h, dg_c, db_c, dh0, dc0
+    (empty tensors for absent inputs). The input side's LayerNorm is recomputed from x W_ih^T
+    (one batched matmul) rather than saved."""
+    _, backward, kw = _scan(kernel, allow_tf32, mode, x, w_hh)
+    lstm = mode == "LSTM"
+    dxg, dhw, dh0, dc0, dg_h, db_h, dg_c, db_c = backward(
+        mode, dy.contiguous(), dhn.contiguous(), None if dcn is None else dcn.contiguous(), w_hh.contiguous(),
+        g_h.contiguous(), None if b_h is None else b_h.contiguous(), g_c, b_c, lengths, hp, hw, stats, gates,
+        cs, **kw)
+    T, B, I = x.shape
+    D, GH, H = w_hh.shape
+    dt, wdt = x.dtype, hp.dtype
+    xw = _input_side(x, w_ih)
+    dxw, dgx, dbx = [], [], []
+    for d in range(D):
+        g, b = g_x[d].to(wdt), _vec(b_x, d, wdt)
+        _, mean, rstd = torch.native_layer_norm(xw[d], (GH,), g, b, EPS)
+        dx_d, dg_d, db_d = _ln_bwd(dxg[d].reshape(T * B, GH), xw[d], (GH,), mean, rstd, g, b,
+                                   [True, True, b is not None])
+        dxw.append(dx_d.to(dt))
+        dgx.append(dg_d)
+        dbx.append(db_d)
+    dxw = torch.stack(dxw)
+    empty = lambda: x.new_empty(0)  # noqa: E731 (a fresh one each: op outputs may not alias)
+    dx = torch.bmm(dxw, w_ih).sum(0).view(T, B, I)
+    dw_ih = torch.bmm(dxw.transpose(1, 2), x.reshape(1, T * B, I).expand(D, T * B, I))
+    dw_hh = torch.bmm(dhw.reshape(D, T * B, GH).transpose(1, 2).to(dt), hp.reshape(D, T * B, H).to(dt))
+    return (dx, dw_ih, dw_hh,
+            torch.stack(dbx).to(dt) if b_x is not None else empty(),
+            db_h.sum(1).to(dt) if b_h is not None else empty(),
+            torch.stack(dgx).to(dt), dg_h.sum(1).to(dt),
+            dg_c.sum(1).to(dt) if lstm else empty(), db_c.sum(1).to(dt) if lstm else empty(),
+            dh0.to(dt), dc0.to(dt) if lstm else empty())
+
+
+@ln_layer_backward.register_fake
+def _ln_layer_backward_fake(dy, dhn, dcn, x, w_ih, w_hh, b_x, b_h, g_x, g_h, g_c, b_c, lengths, hp, hw,
+                            stats, gates, cs, mode, kernel, allow_tf32):
+    D, GH, H = w_hh.shape
+    B = x.shape[1]
+    lstm = mode == "LSTM"
+    e = lambda: x.new_empty(0)  # noqa: E731
+    return (x.new_empty(x.shape), x.new_empty(w_ih.shape), x.new_empty(w_hh.shape),
+            x.new_empty(D, GH) if b_x is not None else e(), x.new_empty(D, GH) if b_h is not None else e(),
+            x.new_empty(D, GH), x.new_empty(D, GH), x.new_empty(D, H) if lstm else e(),
+            x.new_empty(D, H) if lstm else e(), x.new_empty(D, B, H), x.new_empty(D, B, H) if lstm else e())
+
+
+def _setup_context(ctx, inputs, output):
+    (x, w_ih, w_hh, b_x, b_h, g_x, g_h, g_c, b_c, h0, c0, lengths, mode, kernel, save, allow_tf32) = inputs
+    _, _, _, hp, hw, stats, gates, cs = output
+    ctx.save_for_backward(x, w_ih, w_hh, b_x, b_h, g_x, g_h, g_c, b_c, h0, c0, lengths, hp, hw, stats, gates, cs)
+    ctx.config = (mode, kernel, save, allow_tf32)
+    ctx.mark_non_differentiable(hp, hw, stats, gates, cs)
+
+
+def _backward(ctx, dy, dhn, dcn, *_workspace):
+    mode, kernel, save, allow_tf32 = ctx.config
+    if not save:
+        raise RuntimeError("fusedrnn: this LayerNorm layer ran without saving activations for backward "
+                           "(save=False); run it with gradients enabled to differentiate it")
+    x, w_ih, w_hh, b_x, b_h, g_x, g_h, g_c, b_c, h0, c0, lengths, hp, hw, stats, gates, cs = ctx.saved_tensors
+    lstm = mode == "LSTM"
+    if dy is None:
+        dy = x.new_zeros(x.shape[0], x.shape[1], w_hh.shape[0] * w_hh.shape[2])
+    if dhn is None:
+        dhn = torch.zeros_like(h0)
+    if lstm and dcn is None:
+        dcn = torch.zeros_like(c0)
+    if not lstm:
+        dcn = None
+    (dx, dw_ih, dw_hh, db_x, db_h, dg_x, dg_h, dg_c, db_c, dh0, dc0) = torch.ops.fusedrnn.ln_layer_backward(
+        dy, dhn, dcn, x, w_ih, w_hh, b_x, b_h, g_x, g_h, g_c, b_c, lengths, hp, hw, stats, gates, cs, mode,
+        kernel, allow_tf32)
+    return (dx, dw_ih, dw_hh, db_x if b_x is not None else None, db_h if b_h is not None else None, dg_x, dg_h,
+            dg_c if lstm else None, db_c if lstm else None, dh0, dc0 if lstm else None,
+            None, None, None, None, None)
+
+
+torch.library.register_autograd("fusedrnn::ln_layer", _backward, setup_context=_setup_context)
+
+
+# ========================================================================= the stack of layers
+def _stack(ts):
+    if ts[0] is None:
+        return None
+    return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
+
+
+def run_ln_layers(mode, x, lengths, hx, weights, *, num_layers, bidirectional, dropout, training, route,
+                  kernel="auto", last_kernels=None):
+    """The stack on `route`: "reference", "loop" (PyTorch scan) or "triton". x (T, B, I) padded,
+    time-major; weights one 8-tuple per (layer, direction). Returns y (T, B, D*H), final states."""
+    if route == "reference":
+        return ln_rnn(mode, x, hx, weights, num_layers, bidirectional, lengths, dropout, training)
+    D = 2 if bidirectional else 1
+    lstm = mode == "LSTM"
+    allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+    finals = [[] for _ in hx]
+    layer_in = x
+    for layer in range(num_layers):
+        ws = weights[layer * D:(layer + 1) * D]
+        w_ih, w_hh, b_ih, b_hh, g_x, g_h, g_c, b_c = (_stack([w[i] for w in ws]) for i in range(8))
+        if lstm:
+            b_x, b_h = (b_ih + b_hh if b_ih is not None else None), None
+        else:
+            b_x, b_h = b_ih, b_hh
+        h0 = hx[0][layer * D:(layer + 1) * D]
+        c0 = hx[1][layer * D:(layer + 1) * D] if lstm else None
+        save = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (layer_in, w_ih, w_hh, b_x, b_h, g_x, g_h, g_c, b_c, h0, c0))
+        chosen = choose_kernel(route, kernel, mode, D, layer_in.shape[1], w_hh.shape[2], layer_in.dtype,
+                               layer_in.device)
+        if last_kernels is not None:
+            last_kernels.append(chosen)
+        if not torch.compiler.is_compiling():
+            log.debug("fusedrnn: LayerNorm %s layer %d runs kernel %s", mode, layer, chosen)
+        y, hn, cn, *_ = torch.ops.fusedrnn.ln_layer(layer_in, w_ih, w_hh, b_x, b_h, g_x, g_h, g_c, b_c, h0, c0,
+                                                    lengths, mode, chosen, save, allow_tf32)
+        finals[0].append(hn)
+        if lstm:
+            finals[1].append(cn)
+        layer_in = y
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_in = F.dropout(layer_in, dropout, training=True)
+    return layer_in, tuple(torch.cat(f) for f in finals)
+
+
+def _route(backend, device):
+    """"reference", "triton" or "loop" (the PyTorch scan: what "auto" and "torch" mean on CPU, and
+    under torch.compile / vmap / tracing). There is no torch.nn op to fall back on."""
+    route = resolve(backend, device, False)
+    return "loop" if route in ("torch", "loop") else route
+
+
+def _reject_proj_size(cls, proj_size):
+    if proj_size != 0:
+        raise ValueError(f"{cls}: proj_size is not supported (LayerNorm layers have no projection), got "
+                         f"proj_size={proj_size!r}")
+
+
+def _ln_param_shapes(mode, H):
+    G = GATES[mode]
+    shapes = [("ln_ih_weight", G * H, 1.0), ("ln_hh_weight", G * H, 1.0)]
+    if mode == "LSTM":
+        shapes += [("ln_c_weight", H, 1.0), ("ln_c_bias", H, 0.0)]
+    return shapes
+
+
+# ======================================================================================= layers
+class _LayerNormRNNBase(_FusedRNNBase):
+    """Shared by LayerNormLSTM and LayerNormGRU: torch.nn.RNNBase's parameters (torch.nn's names,
+    shapes, gate order and initialization) plus the LayerNorm gains/biases."""
+
+    def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None, *,
+                 backend="auto", kernel="auto"):
+        _reject_proj_size(type(self).__name__, proj_size)
+        super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, 0, device, dtype, backend=backend, kernel=kernel)
+        factory = {"device": device, "dtype": dtype}
+        D = 2 if bidirectional else 1
+        names = []
+        for layer in range(num_layers):
+            for d in range(D):
+                sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
+                for base, n, _ in _ln_param_shapes(mode, hidden_size):
+                    setattr(self, base + sfx, nn.Parameter(torch.empty(n, **factory)))
+                    names.append(base + sfx)
+        self._ln_names = names
+        self._reset_ln()
+
+    def _reset_ln(self):
+        with torch.no_grad():
+            for name in getattr(self, "_ln_names", ()):
+                value = 0.0 if "_bias" in name else 1.0
+                getattr(self, name).fill_(value)
+
+    def reset_parameters(self):
+        """torch.nn's initialization of the plain weights; LayerNorm gains 1, LN biases 0."""
+        super().reset_parameters()
+        self._reset_ln()
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(f"fusedrnn: torch.jit.script cannot script {type(self).__name__}: there is no "
+                           "torch.nn module with LayerNorm inside the recurrence to stand in for it")
+
+    def _tune(self, *args, **kwargs):
+        return None
+
+    def _layer_weights(self, dtype):
+        D = 2 if self.bidirectional else 1
+        out = []
+        for layer in range(self.num_layers):
+            for d in range(D):
+                sfx = f"_l{layer}" + ("_reverse" if d == 1 else "")
+                get = lambda n: getattr(self, n + sfx)  # noqa: E731
+                w = [get("weight_ih"), get("weight_hh"), get("bias_ih") if self.bias else None,
+                     get("bias_hh") if self.bias else None, get("ln_ih_weight"), get("ln_hh_weight")]
+                w += [get("ln_c_weight"), get("ln_c_bias")] if self.mode == "LSTM" else [None, None]
+                out.append(tuple(_cast_weights(w, dtype)))
+        return out
+
+    def forward(self, input, hx=None):
+        name = type(self).__name__
+        D = 2 if self.bidirectional else 1
+        H = self.hidden_size
+        lstm = self.mode == "LSTM"
+        weight_dtype = self.weight_ih_l0.dtype
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            x, batch_sizes, sorted_indices, unsorted_indices = input
+            if x.dim() != 2:
+                raise InputShapeError(f"{name}: input.data of a PackedSequence must be 2-D, got {x.dim()}-D")
+            is_batched = True
+        else:
+            if not isinstance(input, Tensor):
+                raise NotATensorError(f"{name}: input must be a Tensor or PackedSequence, got {_describe(input)}")
+            if input.dim() not in (2, 3):
+                raise InputRankError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
+            x, batch_sizes, sorted_indices, unsorted_indices = input, None, None, None
+            is_batched = input.dim() == 3
+            if not is_batched:
+                x = x.unsqueeze(0 if self.batch_first else 1)
+        route = _route(self.backend, x.device)
+        dtype = _compute_dtype(x, hx, weight_dtype, self.mode) if _autocast_on(x) else weight_dtype
+        x = _prepare_input(x, dtype, weight_dtype, self.input_size)
+        if packed:
+            T = batch_sizes.numel()
+            B = sorted_indices.numel() if sorted_indices is not None else int(batch_sizes[0])
+        else:
+            T, B = (x.shape[1], x.shape[0]) if self.batch_first else (x.shape[0], x.shape[1])
+        if T == 0:
+            raise InputShapeError(f"{name}: input must have a sequence length of at least 1, got 0")
+        shapes = [(self.num_layers * D, B, H)] * (2 if lstm else 1)
+        state_dim = 3 if is_batched else 2
+
+        def check_rank(n, s):
+            if s.dim() != state_dim:
+                kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                raise StateRankError(f"{name}: for {kind} input, {n} should also be {state_dim}-D but got "
+                                     f"{s.dim()}-D tensor")
+
+        states = _initial_states(name, hx, x, dtype, shapes, check_rank, None if is_batched else 1)
+        if hx is not None and sorted_indices is not None:
+            states = [s.index_select(1, sorted_indices) for s in states]
+        weights = self._layer_weights(dtype)
+        with _no_autocast(x):
+            lengths = None
+            if packed:
+                # packed data is time-major with each step's live rows first: the True entries of
+                # this (T, B) mask, in order (a static-shape argsort, which torch.compile traces)
+                mask = (torch.arange(B)[None, :] < batch_sizes[:, None]).to(x.device)
+                lengths = mask.sum(0)
+                rows = torch.argsort((~mask).flatten().to(torch.uint8), stable=True)[:x.shape[0]]
+                x = x.new_zeros(T * B, x.shape[-1]).index_copy(0, rows, x).view(T, B, -1)
+            elif self.batch_first:
+                x = x.transpose(0, 1)
+            kernels = []
+            run = "reference" if not packed and B == 0 else route
+            y, finals = run_ln_layers(self.mode, x, lengths, tuple(states), weights, num_layers=self.num_layers,
+                                      bidirectional=self.bidirectional, dropout=self.dropout,
+                                      training=self.training, route=run, kernel=self.kernel, last_kernels=kernels)
+            if packed:
+                y = y.reshape(T * B, -1).index_select(0, rows)
+            elif self.batch_first:
+                y = y.transpose(0, 1)
+        self._record(route, kernels)
+        finals = list(finals)
+        if packed:
+            finals = [f.index_select(1, unsorted_indices) if unsorted_indices is not None else f for f in finals]
+            output = PackedSequence(y, batch_sizes, sorted_indices, unsorted_indices)
+        else:
+            output = y
+            if not is_batched:
+                output = y.squeeze(0 if self.batch_first else 1)
+                finals = [f.squeeze(1) for f in finals]
+        return output, (tuple(finals) if lstm else finals[0])
+
+
+_LAYER_DOC = """
+
+    Arguments as torch.nn.{base} (input_size, hidden_size, num_layers, bias, batch_first, dropout
+    between layers, bidirectional, device, dtype; proj_size only 0), plus ``backend`` ("auto",
+    "torch" = the PyTorch scan, "reference", "triton") and ``kernel`` ("auto", "stepwise",
+    "persistent"). Forward as torch.nn.{base}: batched or unbatched input, optional initial
+    state{state}, PackedSequence (sorted or not).
+
+    Parameters per layer k (``_reverse`` suffix for the second direction), G = {G}:
+        weight_ih_l{{k}} (G·H, I)   weight_hh_l{{k}} (G·H, H)   bias_ih_l{{k}}, bias_hh_l{{k}} (G·H)
+            torch.nn's names, shapes, gate order ({order}) and init U(−1/√H, 1/√H)
+        ln_ih_weight_l{{k}} (G·H) = γ_ih, ln_hh_weight_l{{k}} (G·H) = γ_hh    init 1{extra}
+    An nn.{base}'s weights load with ``load_state_dict(nn_{lower}.state_dict(), strict=False)``: the
+    LayerNorm parameters are then the missing keys and keep their init (gains 1, biases 0).
+    """
+
+
+class LayerNormLSTM(_LayerNormRNNBase):
+    """LSTM with LayerNorm inside the recurrence (Ba et al. 2016, haste's formulation):
+
+        gates = LN(W_ih x; γ_ih) + LN(W_hh h; γ_hh) + b_ih + b_hh     (i, f, g, o; gain-only LNs)
+        c' = σ(f)·c + σ(i)·tanh(g)                                     (c carried un-normalized)
+        h' = σ(o)·tanh(LN(c'; γ_c, β_c))
+
+    LN over the last dimension with eps 1e-5 and biased variance. b_ih + b_hh is one shared bias
+    (kept as two parameters so that nn.LSTM's weights load unchanged)."""
+    __doc__ += _LAYER_DOC.format(base="LSTM", lower="lstm", G=4, order="i, f, g, o", state=" (h_0, c_0)",
+                                 extra="; ln_c_weight_l{k} (H) = γ_c init 1, ln_c_bias_l{k} (H) = β_c init 0")
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, proj_size=0, device=None, dtype=None, *, backend="auto", kernel="auto"):
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         proj_size, device, dtype, backend=backend, kernel=kernel)
+
+
+class LayerNormGRU(_LayerNormRNNBase):
+    """GRU with LayerNorm inside the recurrence (Ba et al. 2016, haste's formulation):
+
+        x_r, x_z, x_n = LN(W_ih x; γ_ih) + b_ih        h_r, h_z, h_n = LN(W_hh h; γ_hh) + b_hh
+        r = σ(x_r + h_r)   z = σ(x_z + h_z)   n = tanh(x_n + r·h_n)   h' = (1 − z)·n + z·h
+
+    (r applied after the recurrent matmul, as in torch.nn.GRU; gain-only LNs, eps 1e-5)."""
+    __doc__ += _LAYER_DOC.format(base="GRU", lower="gru", G=3, order="r, z, n", state=" h_0", extra="")
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, proj_size=0, device=None, dtype=None, *, backend="auto", kernel="auto"):
+        super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         proj_size, device, dtype, backend=backend, kernel=kernel)
+
+
+# ======================================================================================== cells
+class _LayerNormCell(_Backend, nn.RNNCellBase):
+    _mode = None
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend="auto",
+                 kernel="auto"):
+        check_choice(backend, BACKENDS, "backend")
+        check_choice(kernel, KERNEL_CHOICES, "kernel")
+        for n, v in (("input_size", input_size), ("hidden_size", hidden_size)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{type(self).__name__}: {n} must be a positive int, got {v!r}")
+        if not isinstance(bias, bool):
+            raise TypeError(f"{type(self).__name__}: bias should be of type bool, got: {type(bias).__name__}")
+        super().__init__(input_size, hidden_size, bias, num_chunks=GATES[self._mode], device=device, dtype=dtype)
+        for base, n, _ in _ln_param_shapes(self._mode, hidden_size):
+            setattr(self, base, nn.Parameter(torch.empty(n, device=device, dtype=dtype)))
+        self._ln_names = [base for base, _, _ in _ln_param_shapes(self._mode, hidden_size)]
+        self._reset_ln()
+        self._init_backend(backend, kernel)
+
+    _reset_ln = _LayerNormRNNBase._reset_ln
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        self._reset_ln()
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(f"fusedrnn: torch.jit.script cannot script {type(self).__name__}")
+
+    @property
+    def _torch_name(self):
+        return type(self).__name__
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        return s if self.backend == "auto" else s + f", backend={self.backend!r}"
+
+    def forward(self, input, hx=None):
+        name = type(self).__name__
+        lstm = self._mode == "LSTM"
+        if not isinstance(input, Tensor):
+            raise NotATensorError(f"{name}: input must be a Tensor, got {_describe(input)}")
+        if input.dim() not in (1, 2):
+            raise InputRankError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        is_batched = input.dim() == 2
+        x = input if is_batched else input.unsqueeze(0)
+        weight_dtype = self.weight_ih.dtype
+        route = _route(self.backend, x.device)
+        dtype = _compute_dtype(x, hx, weight_dtype, self._mode) if _autocast_on(x) else weight_dtype
+        x = _prepare_input(x, dtype, weight_dtype, self.input_size)
+        B = x.shape[0]
+
+        def check_rank(n, s):
+            if s.dim() not in (1, 2):
+                raise InputRankError(f"{name}: Expected {n} to be 1D or 2D, got {s.dim()}D instead")
+            if s.dim() != input.dim():
+                raise InputShapeError(f"{name}: {n} must be {input.dim()}-D like input, got {s.dim()}-D")
+
+        shapes = [(B, self.hidden_size)] * (2 if lstm else 1)
+        states = _initial_states(name, hx, x, dtype, shapes, check_rank, None if is_batched else 0)
+        w = [self.weight_ih, self.weight_hh, self.bias_ih if self.bias else None,
+             self.bias_hh if self.bias else None, self.ln_ih_weight, self.ln_hh_weight]
+        w += [self.ln_c_weight, self.ln_c_bias] if lstm else [None, None]
+        w = tuple(_cast_weights(w, dtype))
+        kernels = []
+        with _no_autocast(x):
+            if route == "reference" or B == 0:
+                out = ln_cell_step(self._mode, x, tuple(states), w)
+            else:
+                out = run_ln_layers(self._mode, x.unsqueeze(0), None, tuple(s.unsqueeze(0) for s in states), [w],
+                                    num_layers=1, bidirectional=False, dropout=0.0, training=self.training,
+                                    route=route, kernel=self.kernel, last_kernels=kernels)[1]
+                out = tuple(o.squeeze(0) for o in out)
+        self._record(route, kernels)
+        if not is_batched:
+            out = tuple(o.squeeze(0) for o in out)
+        return out if lstm else out[0]
+
+
+_CELL_DOC = """
+
+    Arguments: input_size, hidden_size, bias, device, dtype as torch.nn.{base}, plus ``backend`` and
+    ``kernel`` as the layers. Forward as torch.nn.{base}: input (B, I) or (I,), state{state}.
+    Parameters: weight_ih (G·H, I), weight_hh (G·H, H), bias_ih, bias_hh (G·H): torch.nn's names,
+    gate order ({order}) and init; ln_ih_weight (G·H) = γ_ih, ln_hh_weight (G·H) = γ_hh init 1{extra}.
+    """
+
+
+class LayerNormLSTMCell(_LayerNormCell):
+    """One LayerNorm LSTM step (equations of LayerNormLSTM)."""
+    __doc__ += _CELL_DOC.format(base="LSTMCell", order="i, f, g, o", state=" (h, c)",
+                                extra="; ln_c_weight (H) = γ_c init 1, ln_c_bias (H) = β_c init 0")
+    _mode = "LSTM"
+
+
+class LayerNormGRUCell(_LayerNormCell):
+    """One LayerNorm GRU step (equations of LayerNormGRU)."""
+    __doc__ += _CELL_DOC.format(base="GRUCell", order="r, z, n", state=" h", extra="")
+    _mode = "GRU"
+
+
+__all__ = ["LayerNormLSTM", "LayerNormGRU", "LayerNormLSTMCell", "LayerNormGRUCell", "ln_rnn", "ln_cell_step",
+           "ln_layer_direction", "scan_forward", "scan_backward", "run_ln_layers"]
