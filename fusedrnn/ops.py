@@ -350,6 +350,13 @@ def _weights_vmapped(names, in_dims, positions):
 def _layer_vmap(info, in_dims, *args):
     n = info.batch_size
     names = _LAYER_TENSORS
+    # The caller decided `save` from the vmapped tensors, whose requires_grad does not say whether
+    # the tensors under them require grad (vmap over stacked parameters, then .backward()): decide
+    # again here, from the tensors the op will see.
+    save_at = len(names) + 2
+    if not args[save_at] and torch.is_grad_enabled() and any(
+            isinstance(a, Tensor) and a.requires_grad for a in args[:len(names)]):
+        args = args[:save_at] + (True,) + args[save_at + 1:]
     if _weights_vmapped(names, in_dims, _LAYER_BATCH_POS):
         return _loop_rule(torch.ops.fusedrnn.layer, n, in_dims, args)
     folded = [_fold(a, d, _LAYER_BATCH_POS[name], n) if _LAYER_BATCH_POS[name] is not None else a

@@ -98,6 +98,14 @@ def test_vmap_ensemble(backend):
     x = torch.randn(2, 2, 2, dtype=F64)
     y = vmap(lambda p, b, x: functional_call(models[0], (p, b), (x,))[0], in_dims=(0, 0, None))(p, b, x)
     assert_close_rel(y, torch.stack([m(x)[0] for m in models]), TOL, "ensemble")
+    # Training the stacked parameters with plain autograd (vmap inside, .backward outside).
+    leaves = {k: v.detach().requires_grad_() for k, v in p.items()}
+    y = vmap(lambda p, b, x: functional_call(models[0], (p, b), (x,))[0], in_dims=(0, 0, None))(leaves, b, x)
+    grads = torch.autograd.grad(y.square().sum(), list(leaves.values()))
+    loop = [torch.autograd.grad(m(x)[0].square().sum(), [dict(m.named_parameters())[k] for k in leaves])
+            for m in models]
+    assert_close_rel(grads, [torch.stack([g[i] for g in loop]) for i in range(len(leaves))], TOL,
+                     "ensemble gradients")
 
 
 def test_per_sample_gradients_equal_a_loop(backend):
