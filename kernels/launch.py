@@ -4,6 +4,7 @@ A launcher (kernels/scan.py, kernels/barrier.py) checks its arguments, allocates
 lists its launches as `Launch` records (keyword arguments, absent tensors as None); `run` launches
 them. kernels/aot.py reads the same records on meta tensors to compile every configuration.
 """
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -36,10 +37,25 @@ def resolve(kernel, args):
     return kernel, args
 
 
+def launch_device(launch):
+    """The CUDA device of a launch's tensors, or None (CPU under the interpreter, meta)."""
+    for value in launch.args.values():
+        if isinstance(value, torch.Tensor) and value.is_cuda:
+            return value.device
+    return None
+
+
 def run(launches):
+    """Launch each record on its tensors' own device and that device's current stream: Triton
+    launches on torch's current device, so without the guard a layer on cuda:1 would launch on
+    device 0 (and read memory it cannot address)."""
     global _LAUNCHES
+    device = None
     for launch in launches:
-        launch.kernel[launch.grid](**launch.args, num_warps=launch.num_warps)
+        if device is None:
+            device = launch_device(launch)
+        with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+            launch.kernel[launch.grid](**launch.args, num_warps=launch.num_warps)
         _LAUNCHES += 1
 
 

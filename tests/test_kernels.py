@@ -490,3 +490,33 @@ def test_misuse_raises_value_error_before_launch():
     with pytest.raises(ValueError, match="gates must have dtype"):
         bwd(K, "LSTM", L, grads, (out[3], out[4].double(), out[5]))
     assert K.launch_count() == n0
+
+
+def test_launches_run_on_their_tensors_device(monkeypatch):
+    """Triton launches on torch's current device: every launch must enter its tensors' device
+    (a layer on cuda:1 must not launch on device 0). Checked without a GPU: fake cuda:1 tensors,
+    a recording torch.cuda.device and a stand-in kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from fusedrnn.kernels import launch as L
+
+    with FakeTensorMode():
+        x = torch.empty(2, device="cuda:1")
+    entered, calls = [], []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(torch.device(self.device))
+
+        def __exit__(self, *exc):
+            entered.append(None)
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda **kw: calls.append(list(entered))
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    L.run([L.Launch(Kernel(), (1,), dict(p_x=x, n=3), 4)] * 2)
+    assert calls == [[torch.device("cuda", 1)], [torch.device("cuda", 1), None, torch.device("cuda", 1)]]
