@@ -14,8 +14,9 @@ output.sum() + h_n.sum()) and inference (no_grad). Providers:
     padded  torch.nn module on the same batch padded to T (time-major)
 Targets: fused <= 1.3x padded in training, <= 1.2x padded in inference.
 
-Timing: one warm-up call each (none at T >= --slow-T, where one-time costs are small), then rounds in which every provider runs once (rotating who goes
-first) until the per-point budget is spent and each has --min-reps; medians with p20/p80.
+Timing: one warm-up call each (none at T >= --slow-T, where one-time costs are small), then rounds
+in which every provider runs once (rotating who goes first) until the per-point budget is spent and
+each has --min-reps; medians with p20/p80.
 torch.nn's packed training is super-linear in T (tens of seconds per call at T=1000): where T >= --slow-T
 it runs alone in a subprocess, --slow-reps calls under a --slow-cap seconds timeout; a point that
 times out is reported as a lower bound ("> cap"), and larger points of the same layout and pass are

@@ -72,8 +72,9 @@ class _Layout:
         # pack_padded_sequence guarantees this; a hand-made PackedSequence may not, and torch's
         # packed op then silently computes something else. Refuse instead of indexing garbage.
         if not bs or bs[-1] < 1 or any(a < b for a, b in zip(bs, bs[1:])) or sum(bs) != N:
+            shown = f"{bs[:8]}{'...' if len(bs) > 8 else ''}"
             raise ValueError("batch_sizes must be a non-empty, non-increasing sequence of positive "
-                             f"sizes summing to the {N} rows of data, got {bs[:8]}{'...' if len(bs) > 8 else ''}")
+                             f"sizes summing to the {N} rows of data, got {shown}")
         self.bs, self.T, self.B, self.device = bs, len(bs), bs[0], device
         self.offsets = [0]
         for b in bs:
