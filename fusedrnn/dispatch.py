@@ -102,8 +102,8 @@ def exporting_torch_ops(compiling):
     fusedrnn's: torch.jit.trace (which the TorchScript-based ONNX exporter runs) or the dynamo-based
     ONNX exporter (which runs torch.export, so `compiling` is true: only then is the ONNX flag,
     ~4 us a read, worth reading)."""
-    # torch._C._is_tracing is torch.jit.is_tracing without its Python wrapper: this runs on every call.
-    return torch._C._is_tracing() or (compiling and onnx_exporting())
+    # torch.jit.is_tracing, not the faster torch._C._is_tracing: dynamo folds only the former.
+    return torch.jit.is_tracing() or (compiling and onnx_exporting())
 
 
 def vmapping():
