@@ -3,6 +3,9 @@
 
 Shapes: x (T, B, I) time-major and zero-padded; lengths (B,) int64 on x's device or None;
 hx = (h0,) or (h0, c0) with h0 (L*D, B, P), c0 (L*D, B, H).
+
+Also the argument handling of the variants (zoneout, weight_drop, reset; issue 12), shared by the
+modules: checks that name the argument, the masks drawn with torch's RNG, and the dropped weights.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import torch.nn.functional as F
 
 from . import reference
 from .dispatch import choose_kernel
+from .errors import DtypeMismatchError, InputShapeError
 from .spec import GATES
 
 log = logging.getLogger("fusedrnn")
@@ -29,6 +33,60 @@ def layer_weights(flat_weights, num_layers, D, has_bias, has_proj):
     return out
 
 
+# --------------------------------------------------------------------------------- the variants
+def check_probability(name, value):
+    """value as a float if it is a number in [0, 1), else a ValueError naming the argument. 1 is
+    refused: zoneout=1 would never update the state, and weight_drop=1 would scale by 1/0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
+    return float(value)
+
+
+def check_zoneout_proj(zoneout, proj_size):
+    if zoneout > 0 and proj_size > 0:
+        raise ValueError(f"zoneout={zoneout} cannot be combined with proj_size={proj_size}: zoneout of "
+                         "a projected LSTM state is not implemented (use one or the other)")
+
+
+def check_reset(reset, expected_shape, layout, device):
+    """reset: a bool tensor of `expected_shape` on `device` (layout says what the dimensions are,
+    for the message), else InputShapeError / DtypeMismatchError naming it. Returns it."""
+    if not isinstance(reset, torch.Tensor):
+        raise InputShapeError(f"reset must be a bool Tensor of shape {tuple(expected_shape)} ({layout}), "
+                              f"got an object of type {type(reset).__name__}")
+    if reset.dtype != torch.bool:
+        raise DtypeMismatchError(f"reset must have dtype torch.bool, got {reset.dtype}")
+    if tuple(reset.shape) != tuple(expected_shape):
+        raise InputShapeError(f"reset must have shape {tuple(expected_shape)} ({layout}), got "
+                              f"{tuple(reset.shape)}")
+    if reset.device != device:
+        raise InputShapeError(f"reset must be on the same device as input ({device}), got {reset.device}")
+    return reset
+
+
+def zoneout_mask(p, shape, device):
+    """The training mask of zoneout: True (keep h_{t-1}) with probability p per element, drawn from
+    torch's default generator of `device` (torch.manual_seed makes it reproducible)."""
+    return torch.rand(shape, device=device) < p
+
+
+def drop_weight(w, p):
+    """DropConnect of one recurrent weight (AWD-LSTM's WeightDrop): each element zeroed with
+    probability p and the rest scaled by 1 / (1 - p); differentiable, so the gradient reaches the
+    raw weight through the same mask."""
+    return F.dropout(w, p, training=True)
+
+
+def drop_recurrent_weights(flat, num_layers, D, has_bias, has_proj, p):
+    """The flat weight list of a layer stack with every W_hh replaced by drop_weight(W_hh, p): one
+    mask per W_hh per call, shared over time and batch."""
+    per = 2 + 2 * has_bias + has_proj
+    flat = list(flat)
+    for k in range(num_layers * D):
+        flat[k * per + 1] = drop_weight(flat[k * per + 1], p)
+    return flat
+
+
 def _stack(tensors):
     if tensors[0] is None:
         return None
@@ -36,17 +94,29 @@ def _stack(tensors):
 
 
 def run_layers(mode, x, lengths, hx, weights, *, num_layers, bidirectional, dropout, training,
-               route, kernel="auto", last_kernels=None):
+               route, kernel="auto", last_kernels=None, zoneout=0.0, reset=None):
     """Run the stack on `route` (fusedrnn.dispatch): "reference", "triton" or "loop".
 
     Returns y (T, B, D*P) and a tuple of final states shaped like hx. `last_kernels`, when a list,
-    receives the kernel chosen for each layer.
+    receives the kernel chosen for each layer. zoneout: the probability p (training: masks drawn
+    here, every layer's before the first layer runs, so every route consumes the random stream
+    alike; eval: the expectation); reset: None or the (T, B) bool mask, time-major.
     """
+    D = 2 if bidirectional else 1
+    T, B = x.shape[0], x.shape[1]
+    zoneouts = [None] * num_layers
+    if zoneout > 0:
+        P = hx[0].shape[-1]
+        zoneouts = ([zoneout_mask(zoneout, (D, T, B, P), x.device) for _ in range(num_layers)]
+                    if training else [zoneout] * num_layers)
     if route == "reference":
         y, state = reference.rnn(mode, x, hx, weights, num_layers, bidirectional, lengths, dropout,
-                                 training)
+                                 training, zoneout=zoneouts if zoneout > 0 else None, reset=reset)
         return y, (state if mode == "LSTM" else (state,))
-    D = 2 if bidirectional else 1
+    resets = None
+    if reset is not None:
+        # per direction, indexed by time (the reverse direction's shifted: reference.reset_for_direction)
+        resets = torch.stack([reference.reset_for_direction(reset, lengths, d == 1) for d in range(D)])
     allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
     finals = [[] for _ in hx]
     layer_in = x
@@ -63,8 +133,11 @@ def run_layers(mode, x, lengths, hx, weights, *, num_layers, bidirectional, drop
             last_kernels.append(chosen)
         if not torch.compiler.is_compiling():
             log.debug("fusedrnn: %s layer %d runs kernel %s", mode, layer, chosen)
-        y, hn, cn, *_ = torch.ops.fusedrnn.layer(layer_in, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0,
-                                                 lengths, mode, chosen, save, allow_tf32)
+        args = (layer_in, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0, lengths, mode, chosen, save, allow_tf32)
+        if zoneout > 0 or resets is not None:
+            z = zoneouts[layer]
+            args += (z, 0.0, resets) if isinstance(z, torch.Tensor) else (None, z or 0.0, resets)
+        y, hn, cn, *_ = torch.ops.fusedrnn.layer(*args)
         finals[0].append(hn)
         if mode == "LSTM":
             finals[1].append(cn)

@@ -18,6 +18,13 @@ Saved for backward (float32, float64 for float64 inputs), indexed by time:
                           GRU:  r, z, n, W_hn h + b_hn     (W = 4H)
                           RNN:  h_t                        (W = H)
     cs     (D, T, B, C)   LSTM: c entering the step (C = H); others C = 0
+Variants (fusedrnn/reference.py defines them):
+    zoneout   (D, T, B, P) bool mask (training; True keeps h_{t-1}) or None
+    zoneout_p float, the eval blend weight of h_{t-1} (used when zoneout is None; 0: off)
+    reset     (D, T, B) bool or None: direction d restarts from h0/c0 before its step at time t
+              (already shifted for the reverse direction: reference.reset_for_direction)
+    hp and cs hold the state actually entering the step (h0/c0 at a reset), RNN's `gates` the
+    cell's own h~ (before the zoneout blend).
 """
 from __future__ import annotations
 
@@ -26,31 +33,60 @@ import torch
 from .spec import GATES, saved_widths, work_dtype
 
 
-def step_schedule(lengths, T, B, s, reverse, device):
-    """Time index of each row at step s, and whether the row is live.
+class _Steps:
+    """Reads and writes at the time index of each row at step s of direction d. Without lengths
+    every row is at the same time, so plain slices replace the gathers (the common case, and what
+    keeps this loop as fast as a hand-written one)."""
 
-    Dead rows (s >= length) point at the padded position t = s, which no live step touches, so every
-    (t, b) is visited exactly once per direction.
-    """
-    s_t = torch.full((B,), s, dtype=torch.long, device=device)
-    if lengths is None:
-        alive = torch.ones(B, dtype=torch.bool, device=device)
-        return (T - 1 - s_t if reverse else s_t), alive
-    alive = s_t < lengths
-    if reverse:
-        return torch.where(alive, lengths - 1 - s_t, s_t), alive
-    return s_t, alive
+    def __init__(self, lengths, T, B, device):
+        self.lengths, self.T = lengths, T
+        self.rows = torch.arange(B, device=device) if lengths is not None else None
+
+    def at(self, s, reverse):
+        """(index, alive): alive is None when every row is live. Dead rows (s >= length) point at
+        the padded position t = s, which no live step touches, so every (t, b) is visited exactly
+        once per direction."""
+        if self.lengths is None:
+            return (self.T - 1 - s if reverse else s), None
+        s_t = torch.full_like(self.lengths, s)
+        alive = s_t < self.lengths
+        t = torch.where(alive, self.lengths - 1 - s_t, s_t) if reverse else s_t
+        return (t, self.rows), alive[:, None]
 
 
-def scan_forward(mode, xg, w_hh, b_hh, w_hr, h0, c0, lengths, save):
+def _get(a, d, idx):
+    """a[d, t_b, b] for every row b (a: (D, T, B, ...))."""
+    return a[d, idx] if isinstance(idx, int) else a[d, idx[0], idx[1]]
+
+
+def _put(a, d, idx, value):
+    if isinstance(idx, int):
+        a[d, idx] = value
+    else:
+        a[d, idx[0], idx[1]] = value
+
+
+def _where(alive, a, b):
+    return a if alive is None else torch.where(alive, a, b)
+
+
+def _restart(reset, d, idx, alive):
+    """(B, 1) bool: rows that restart from the initial state at this step (live rows only)."""
+    r = _get(reset, d, idx)[:, None]
+    return r if alive is None else r & alive
+
+
+def scan_forward(mode, xg, w_hh, b_hh, w_hr, h0, c0, lengths, save, zoneout=None, zoneout_p=0.0,
+                 reset=None):
     D, T, B, GH = xg.shape
     P = w_hh.shape[2]
     H = GH // GATES[mode]
     dt, wdt = xg.dtype, work_dtype(xg.dtype)
-    rows = torch.arange(B, device=xg.device)
+    lstm = mode == "LSTM"
+    steps = _Steps(lengths, T, B, xg.device)
     y = xg.new_empty(T, B, D * P)
     hn = xg.new_empty(D, B, P)
-    cn = xg.new_empty(D, B, H) if mode == "LSTM" else xg.new_empty(0)
+    cn = xg.new_empty(D, B, H) if lstm else xg.new_empty(0)
     W, C = saved_widths(mode, H)
     if save:
         hp = torch.empty(D, T, B, P, dtype=wdt, device=xg.device)
@@ -58,112 +94,156 @@ def scan_forward(mode, xg, w_hh, b_hh, w_hr, h0, c0, lengths, save):
         cs = torch.empty(D, T, B, C, dtype=wdt, device=xg.device)
     else:
         hp, gates, cs = (xg.new_empty(0, dtype=wdt) for _ in range(3))
+    zoned = zoneout is not None or zoneout_p > 0
     for d in range(D):
-        h = h0[d].to(wdt)
-        c = c0[d].to(wdt) if mode == "LSTM" else None
-        whh = w_hh[d].to(wdt)
+        h_init = h0[d].to(wdt)
+        c_init = c0[d].to(wdt) if lstm else None
+        h, c = h_init, c_init
+        whh_t = w_hh[d].to(wdt).T
         bhh = b_hh[d].to(wdt) if b_hh is not None else torch.zeros(GH, dtype=wdt, device=xg.device)
+        y_d = y[:, :, d * P:(d + 1) * P]
         for s in range(T):
-            t, alive = step_schedule(lengths, T, B, s, d == 1, xg.device)
-            a = alive[:, None]
-            xt = xg[d, t, rows].to(wdt)
-            hh = h @ whh.T + bhh
-            if mode == "LSTM":
-                pre = xt + hh
-                i, f, g, o = pre.chunk(4, dim=-1)
+            idx, alive = steps.at(s, d == 1)
+            if reset is not None:
+                restart = _restart(reset, d, idx, alive)
+                h = torch.where(restart, h_init, h)
+                if lstm:
+                    c = torch.where(restart, c_init, c)
+            xt = _get(xg, d, idx).to(wdt)
+            hh = torch.addmm(bhh, h, whh_t)
+            if lstm:
+                i, f, g, o = (xt + hh).chunk(4, dim=-1)
                 i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
                 c_new = f * c + i * g
                 h_new = o * torch.tanh(c_new)
                 if w_hr is not None:
                     h_new = h_new @ w_hr[d].to(wdt).T
-                saved = torch.cat([i, f, g, o], dim=-1)
+                saved = (i, f, g, o)
             elif mode == "GRU":
                 x_r, x_z, x_n = xt.chunk(3, dim=-1)
                 h_r, h_z, h_n = hh.chunk(3, dim=-1)
                 r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
                 n = torch.tanh(x_n + r * h_n)
                 h_new = (1 - z) * n + z * h
-                saved = torch.cat([r, z, n, h_n], dim=-1)
+                saved = (r, z, n, h_n)
             else:
                 pre = xt + hh
                 h_new = torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)
-                saved = h_new
+                saved = (h_new,)
             if save:
-                hp[d, t, rows] = h
-                gates[d, t, rows] = saved
-                if mode == "LSTM":
-                    cs[d, t, rows] = c
-            y[t, rows, d * P:(d + 1) * P] = torch.where(a, h_new, 0).to(dt)
-            h = torch.where(a, h_new, h)
-            if mode == "LSTM":
-                c = torch.where(a, c_new, c)
+                _put(hp, d, idx, h)
+                _put(gates, d, idx, torch.cat(saved, dim=-1) if len(saved) > 1 else saved[0])
+                if lstm:
+                    _put(cs, d, idx, c)
+            if zoneout is not None:
+                h_new = torch.where(_get(zoneout, d, idx), h, h_new)
+            elif zoned:
+                h_new = zoneout_p * h + (1 - zoneout_p) * h_new
+            if alive is None:
+                y_d[idx] = h_new.to(dt)
+            else:
+                _put(y_d.unsqueeze(0), 0, idx, torch.where(alive, h_new, 0).to(dt))
+            h = _where(alive, h_new, h)
+            if lstm:
+                c = _where(alive, c_new, c)
         hn[d] = h.to(dt)
-        if mode == "LSTM":
+        if lstm:
             cn[d] = c.to(dt)
     return y, hn, cn, hp, gates, cs
 
 
-def scan_backward(mode, dy, dhn, dcn, w_hh, w_hr, lengths, hp, gates, cs):
+def scan_backward(mode, dy, dhn, dcn, w_hh, w_hr, lengths, hp, gates, cs, zoneout=None, zoneout_p=0.0,
+                  reset=None):
     """Reverse loop. Returns dxg (grad of xg), dgh (grad of the hidden-side pre-activations
     h W_hh^T + b_hh; the same tensor as dxg except for GRU), dh0, dc0 and, with a projection,
-    dhp (D, T, B, P): the gradient reaching the projected state at each time (for dW_hr)."""
+    dhp (D, T, B, P): the gradient reaching the projected state at each time (for dW_hr).
+
+    Zoneout splits the gradient of h_t: (1 - z) of it enters the cell, z of it goes straight to
+    h_{t-1}. At a reset the gradient of the state entering the step belongs to h0/c0 (collected
+    in dh0/dc0 over every reset step), and nothing reaches the step before."""
     D, T, B, P = hp.shape
     GH = w_hh.shape[1]
     H = GH // GATES[mode]
     dt, wdt = dy.dtype, hp.dtype
-    rows = torch.arange(B, device=dy.device)
-    dxg = torch.zeros(D, T, B, GH, dtype=dt, device=dy.device)
+    lstm = mode == "LSTM"
+    steps = _Steps(lengths, T, B, dy.device)
+    dxg = torch.empty(D, T, B, GH, dtype=dt, device=dy.device)
+    if lengths is not None:
+        dxg.zero_()  # padded positions are never visited by a live step
     dgh = torch.zeros_like(dxg) if mode == "GRU" else dxg
     dhp = torch.zeros(D, T, B, P, dtype=dt, device=dy.device) if w_hr is not None else None
     dh0 = dy.new_empty(D, B, P)
-    dc0 = dy.new_empty(D, B, H) if mode == "LSTM" else dy.new_empty(0)
+    dc0 = dy.new_empty(D, B, H) if lstm else dy.new_empty(0)
+    zoned = zoneout is not None or zoneout_p > 0
     for d in range(D):
         whh = w_hh[d].to(wdt)
         dh = dhn[d].to(wdt)
-        dc = dcn[d].to(wdt) if mode == "LSTM" else None
+        dc = dcn[d].to(wdt) if lstm else None
+        dh_reset = torch.zeros_like(dh) if reset is not None else None
+        dc_reset = torch.zeros_like(dc) if reset is not None and lstm else None
         for s in reversed(range(T)):
-            t, alive = step_schedule(lengths, T, B, s, d == 1, dy.device)
-            a = alive[:, None]
-            dh_t = dh + torch.where(a, dy[t, rows, d * P:(d + 1) * P].to(wdt), 0)
-            saved = gates[d, t, rows]
-            h_prev = hp[d, t, rows]
-            if mode == "LSTM":
+            idx, alive = steps.at(s, d == 1)
+            dy_t = _get(dy.unsqueeze(0), 0, idx)[:, d * P:(d + 1) * P].to(wdt)
+            dh_t = dh + (dy_t if alive is None else torch.where(alive, dy_t, 0))
+            if zoneout is not None:
+                keep = _get(zoneout, d, idx)
+                dh_cell = torch.where(keep, 0, dh_t)
+                dh_direct = torch.where(keep, dh_t, 0)
+            elif zoned:
+                dh_cell = (1 - zoneout_p) * dh_t
+                dh_direct = zoneout_p * dh_t
+            else:
+                dh_cell, dh_direct = dh_t, None
+            saved = _get(gates, d, idx)
+            h_prev = _get(hp, d, idx)
+            if lstm:
                 i, f, g, o = saved.chunk(4, dim=-1)
-                c_prev = cs[d, t, rows]
+                c_prev = _get(cs, d, idx)
                 tc = torch.tanh(f * c_prev + i * g)
                 if w_hr is not None:
-                    dhp[d, t, rows] = torch.where(a, dh_t, 0).to(dt)
-                    dh_raw = dh_t @ w_hr[d].to(wdt)
+                    _put(dhp, d, idx, _where(alive, dh_cell, 0).to(dt))
+                    dh_raw = dh_cell @ w_hr[d].to(wdt)
                 else:
-                    dh_raw = dh_t
+                    dh_raw = dh_cell
                 dc_t = dc + dh_raw * o * (1 - tc * tc)
                 d_pre = torch.cat([dc_t * g * i * (1 - i),
                                    dc_t * c_prev * f * (1 - f),
                                    dc_t * i * (1 - g * g),
                                    dh_raw * tc * o * (1 - o)], dim=-1)
-                d_pre = torch.where(a, d_pre, 0)
+                d_pre = _where(alive, d_pre, 0)
                 d_hid = d_pre
                 dh_prev = d_pre @ whh
-                dc = torch.where(a, dc_t * f, dc)
+                dc_prev = dc_t * f
             elif mode == "GRU":
                 r, z, n, h_lin = saved.chunk(4, dim=-1)
-                dn_pre = dh_t * (1 - z) * (1 - n * n)
-                dz_pre = dh_t * (h_prev - n) * z * (1 - z)
+                dn_pre = dh_cell * (1 - z) * (1 - n * n)
+                dz_pre = dh_cell * (h_prev - n) * z * (1 - z)
                 dr_pre = dn_pre * h_lin * r * (1 - r)
-                d_pre = torch.where(a, torch.cat([dr_pre, dz_pre, dn_pre], dim=-1), 0)
-                d_hid = torch.where(a, torch.cat([dr_pre, dz_pre, dn_pre * r], dim=-1), 0)
-                dh_prev = dh_t * z + d_hid @ whh
+                d_pre = _where(alive, torch.cat([dr_pre, dz_pre, dn_pre], dim=-1), 0)
+                d_hid = _where(alive, torch.cat([dr_pre, dz_pre, dn_pre * r], dim=-1), 0)
+                dh_prev = torch.addmm(dh_cell * z, d_hid, whh)
             else:
                 h_cur = saved
                 act_grad = (1 - h_cur * h_cur) if mode == "RNN_TANH" else (h_cur > 0).to(wdt)
-                d_pre = torch.where(a, dh_t * act_grad, 0)
+                d_pre = _where(alive, dh_cell * act_grad, 0)
                 d_hid = d_pre
                 dh_prev = d_pre @ whh
-            dxg[d, t, rows] = d_pre.to(dt)
+            if dh_direct is not None:
+                dh_prev = dh_prev + dh_direct
+            if reset is not None:
+                restart = _restart(reset, d, idx, alive)
+                dh_reset += torch.where(restart, dh_prev, 0)
+                dh_prev = torch.where(restart, 0, dh_prev)
+                if lstm:
+                    dc_reset += torch.where(restart, dc_prev, 0)
+                    dc_prev = torch.where(restart, 0, dc_prev)
+            _put(dxg, d, idx, d_pre.to(dt))
             if mode == "GRU":
-                dgh[d, t, rows] = d_hid.to(dt)
-            dh = torch.where(a, dh_prev, dh_t)
-        dh0[d] = dh.to(dt)
-        if mode == "LSTM":
-            dc0[d] = dc.to(dt)
+                _put(dgh, d, idx, d_hid.to(dt))
+            dh = _where(alive, dh_prev, dh_t)
+            if lstm:
+                dc = _where(alive, dc_prev, dc)
+        dh0[d] = (dh if dh_reset is None else dh + dh_reset).to(dt)
+        if lstm:
+            dc0[d] = (dc if dc_reset is None else dc + dc_reset).to(dt)
     return dxg, dgh, dh0, dc0, dhp

@@ -5,6 +5,29 @@ torch's own) but not nn.LSTM/GRU/RNN, because torch.compile refuses to trace sub
 three. The cells subclass nn.LSTMCell / GRUCell / RNNCell. Modules only validate, reshape and
 dispatch; the math lives in reference.py, loop.py and the kernels. Layers and cells share one
 path for checking and casting input and initial state (`_prepare_input`, `_initial_states`).
+
+Variants (issue 12), opt-in, off by default (then every call is exactly torch.nn's):
+
+- ``zoneout=p`` (constructor): h_t = z * h_{t-1} + (1 - z) * h~_t, h~_t the cell's new h. In
+  training z is a Bernoulli(p) mask per (time, row, unit) drawn with torch's RNG; in eval z = p,
+  the expectation. LSTM: h only (c is carried as usual); not with proj_size. The output y_t is the
+  blended h_t.
+- ``weight_drop=p`` (constructor): DropConnect on each W_hh (AWD-LSTM): one mask per W_hh per
+  forward call, shared over time and batch, kept weights scaled by 1 / (1 - p), training only;
+  gradients reach the raw weights. A cell draws a new mask at every call (every step).
+- ``forward(input, hx=None, *, reset=None)``: a bool mask, (T, B) ((B, T) with batch_first, (T,)
+  for unbatched input, laid out like the padded input for a PackedSequence, the batch in the
+  original order as for h_0). Where reset[t, b] is set, row b restarts from its initial state
+  (h_0 / c_0 if given, else zeros) before the step at time t, with no gradient across the reset
+  (h_0 / c_0 collect the gradient of every restart). Positions past a packed row's length are
+  ignored. The reverse direction of a bidirectional layer restarts at the last step of each
+  episode, so each direction sees each episode as if it ran alone. Cells: reset (B,) (a scalar
+  for unbatched input) zeroes the state of those rows before the step.
+
+torch's own RNN ops cannot do zoneout or reset: with either, backend="auto" runs fusedrnn's own
+scan (the Triton kernels on CUDA, fusedrnn/loop.py on CPU) and backend="torch" raises
+BackendUnavailableError. weight_drop only changes the weights passed in, so it runs everywhere.
+The cells apply zoneout and reset around the cell op on every backend.
 """
 from __future__ import annotations
 
@@ -20,9 +43,10 @@ from . import ops  # noqa: F401  (registers the fusedrnn:: custom ops)
 from . import export, reference, tune
 from .dispatch import kernels as triton_kernels
 from .dispatch import exporting_torch_ops, onnx_exporting, requested_backend, resolve, triton_problem
-from .errors import (BadInputError, DtypeMismatchError, HiddenStatePairError, InputRankError, InputShapeError,
-                     NotATensorError, StateRankError)
-from .functional import layer_weights, run_layers
+from .errors import (BackendUnavailableError, BadInputError, DtypeMismatchError, HiddenStatePairError,
+                     InputRankError, InputShapeError, NotATensorError, StateRankError)
+from .functional import (check_probability, check_reset, check_zoneout_proj, drop_recurrent_weights, drop_weight,
+                         layer_weights, run_layers, zoneout_mask)
 from .packed import run_packed
 from .spec import BACKENDS, KERNEL_CHOICES, check_choice
 
@@ -241,6 +265,42 @@ def _check_layer_args(mode, input_size, hidden_size, num_layers, bias, batch_fir
 class _Backend:
     """The `backend` and `kernel` attributes shared by layers and cells, and the dtypes of a call."""
 
+    # the variants' defaults (also what a module pickled before they existed gets)
+    zoneout = 0.0
+    weight_drop = 0.0
+
+    def _init_variants(self, zoneout, weight_drop, proj_size=0, layer=True):
+        """Check and set zoneout / weight_drop (see the module docstring)."""
+        zoneout = check_probability("zoneout", zoneout)
+        weight_drop = check_probability("weight_drop", weight_drop)
+        check_zoneout_proj(zoneout, proj_size)
+        if layer and zoneout > 0 and self.backend == "torch":
+            raise BackendUnavailableError(
+                f"zoneout={zoneout} needs fusedrnn's own scan, but backend='torch' runs torch's fused RNN "
+                "op, which cannot do zoneout; use backend='auto' (or 'triton' / 'reference')")
+        self.zoneout = zoneout
+        self.weight_drop = weight_drop
+
+    def _variants_repr(self):
+        return "".join(f", {n}={getattr(self, n)}" for n in ("zoneout", "weight_drop") if getattr(self, n))
+
+    def _variants_route(self, route, reset):
+        """The route of a layer call with zoneout or reset, which torch's op cannot run: "loop"
+        (fusedrnn/loop.py) where the static rule said "torch" through backend="auto";
+        BackendUnavailableError for an explicit backend="torch" and while exporting."""
+        if route != "torch" or (self.zoneout == 0 and reset is None):
+            return route
+        what = f"zoneout={self.zoneout}" if self.zoneout > 0 else "reset"
+        if exporting_torch_ops(torch.compiler.is_compiling()):
+            raise BackendUnavailableError(
+                f"{what} cannot be exported: torch.jit.trace / ONNX record torch's own RNN op, which "
+                "has no zoneout or reset")
+        if requested_backend(self.backend) == "torch":
+            raise BackendUnavailableError(
+                f"{what} needs fusedrnn's own scan, but backend='torch' runs torch's fused RNN op, which "
+                "cannot do zoneout or reset; use backend='auto' (or 'triton' / 'reference')")
+        return "loop"
+
     def _call_dtypes(self, x, hx, route, weights, n_states):
         """(compute dtype, output dtypes) of one call. Without autocast: the weights' dtype, no
         output casts. Under autocast on the torch route: (None, None), torch's op runs under
@@ -311,7 +371,7 @@ class _Backend:
 class _FusedRNNBase(_Backend, nn.RNNBase):
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None, *,
-                 backend="auto", kernel="auto"):
+                 backend="auto", kernel="auto", zoneout=0.0, weight_drop=0.0):
         check_choice(backend, BACKENDS, "backend")
         check_choice(kernel, KERNEL_CHOICES, "kernel")
         _check_layer_args(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
@@ -319,9 +379,10 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
         super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype)
         self._init_backend(backend, kernel)
+        self._init_variants(zoneout, weight_drop, proj_size)
 
     def extra_repr(self):
-        s = super().extra_repr()
+        s = super().extra_repr() + self._variants_repr()
         return s if self.backend == "auto" else s + f", backend={self.backend!r}"
 
     def __setstate__(self, d):
@@ -334,13 +395,26 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
     def _torch_name(self):
         return _NAMES[self.mode]
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, *, reset=None):
         try:
-            return self._forward(input, hx)
+            return self._forward(input, hx, reset)
         except BadInputError as exc:
             raise _with_torch_message(exc, self, (input, hx)) from None
 
-    def _forward(self, input, hx):
+    def _reset_mask(self, reset, T, B, packed, is_batched, device, sorted_indices):
+        """The reset argument checked and made time-major (T, B), rows in the order the layers run
+        (a PackedSequence's sorted order)."""
+        if not is_batched:
+            return check_reset(reset, (T,), "time", device).unsqueeze(1)
+        if self.batch_first:
+            reset = check_reset(reset, (B, T), "batch, time: batch_first", device).transpose(0, 1)
+        else:
+            reset = check_reset(reset, (T, B), "time, batch", device)
+        if packed and sorted_indices is not None:
+            reset = reset.index_select(1, sorted_indices)
+        return reset
+
+    def _forward(self, input, hx, reset=None):
         self._update_flat_weights()
         name = _NAMES[self.mode]
         D = 2 if self.bidirectional else 1
@@ -362,7 +436,7 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
             is_batched = input.dim() == 3
             if not is_batched:
                 x = x.unsqueeze(0 if self.batch_first else 1)
-        route = self._route(x.device)
+        route = self._variants_route(self._route(x.device), reset)
         dtype, out_dtypes = self._call_dtypes(x, hx, route, self._flat_weights, 2 if is_lstm else 1)
         x = _prepare_input(x, dtype, weight_dtype, self.input_size)
         if packed:
@@ -387,10 +461,17 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
         states = _initial_states(name, hx, x, dtype, shapes, check_rank, None if is_batched else 1)
         if hx is not None and sorted_indices is not None:
             states = [s.index_select(1, sorted_indices) for s in states]
+        if reset is not None:
+            reset = self._reset_mask(reset, T, B, packed, is_batched, x.device, sorted_indices)
 
         flat = _cast_weights(self._flat_weights, dtype)
+        if self.weight_drop > 0 and self.training:
+            flat = drop_recurrent_weights(flat, self.num_layers, D, self.bias, self.proj_size > 0,
+                                          self.weight_drop)
         with _no_autocast(x) if dtype is not None else contextlib.nullcontext():
-            decision = self._tune(route, x, batch_sizes, states, flat, B, T, dtype)
+            # (zoneout and reset have no torch op to tune against)
+            decision = (self._tune(route, x, batch_sizes, states, flat, B, T, dtype)
+                        if self.zoneout == 0 and reset is None else None)
             kernel = self.kernel
             if decision is not None and decision.chosen is not None:
                 route, kernel = (("torch", None) if decision.chosen == tune.ORACLE
@@ -399,7 +480,8 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
                 out, *finals = self._run_torch(x, batch_sizes, states, flat)
                 kernels = ()
             else:
-                out, finals, kernels = self._run_padded(x, batch_sizes, states, flat, route, B, T, kernel)
+                out, finals, kernels = self._run_padded(x, batch_sizes, states, flat, route, B, T, kernel,
+                                                        reset)
         if out_dtypes is not None:
             out, *finals = (t.to(d) for t, d in zip([out, *finals], out_dtypes))
         self._record(route, kernels, decision)
@@ -495,7 +577,7 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
         return tune.get_tuner().choose(key, build, needs_grad=needs_grad, tensors=tensors,
                                        labels=call.labels(("output", "h_n", "c_n")[:1 + n]))
 
-    def _run_padded(self, x, batch_sizes, states, flat, route, B, T, kernel="auto"):
+    def _run_padded(self, x, batch_sizes, states, flat, route, B, T, kernel="auto", reset=None):
         lengths = None
         if batch_sizes is not None:
             # Packed data is ordered time-major with the live rows of each step first: exactly the
@@ -515,7 +597,7 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
         y, finals = run_layers(self.mode, x, lengths, tuple(states), weights,
                                num_layers=self.num_layers, bidirectional=self.bidirectional,
                                dropout=self.dropout, training=self.training, route=run,
-                               kernel=kernel, last_kernels=kernels)
+                               kernel=kernel, last_kernels=kernels, zoneout=self.zoneout, reset=reset)
         if batch_sizes is not None:
             y = y.reshape(T * B, -1).index_select(0, rows)
         elif self.batch_first:
@@ -530,14 +612,16 @@ def _reject_proj_size(kwargs):
 
 
 class LSTM(_FusedRNNBase):
-    """Drop-in torch.nn.LSTM (same arguments, parameters and behaviour) plus `backend`."""
+    """Drop-in torch.nn.LSTM (same arguments, parameters and behaviour) plus `backend`, and the
+    opt-in variants `zoneout`, `weight_drop` and forward's `reset` (module docstring)."""
 
     def __init__(self, *args, backend="auto", **kwargs):
         super().__init__("LSTM", *args, backend=backend, **kwargs)
 
 
 class GRU(_FusedRNNBase):
-    """Drop-in torch.nn.GRU (same arguments, parameters and behaviour) plus `backend`."""
+    """Drop-in torch.nn.GRU (same arguments, parameters and behaviour) plus `backend`, and the
+    opt-in variants `zoneout`, `weight_drop` and forward's `reset` (module docstring)."""
 
     def __init__(self, *args, backend="auto", **kwargs):
         _reject_proj_size(kwargs)
@@ -545,7 +629,8 @@ class GRU(_FusedRNNBase):
 
 
 class RNN(_FusedRNNBase):
-    """Drop-in torch.nn.RNN (tanh or relu) plus `backend`."""
+    """Drop-in torch.nn.RNN (tanh or relu) plus `backend`, and the opt-in variants `zoneout`,
+    `weight_drop` and forward's `reset` (module docstring)."""
 
     def __init__(self, *args, backend="auto", **kwargs):
         _reject_proj_size(kwargs)
@@ -565,24 +650,27 @@ class _FusedCell(_Backend):
     _mode = None  # set per class or instance
     _name = None
 
-    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend="auto"):
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend="auto",
+                 zoneout=0.0, weight_drop=0.0):
         check_choice(backend, BACKENDS, "backend")
         super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
         self._init_backend(backend)
+        self._init_variants(zoneout, weight_drop, layer=False)
 
     @property
     def _torch_name(self):
         return self._name
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, *, reset=None):
         # Each weight is read once per call, as torch.nn's cells do: a parametrized weight
         # (spectral_norm's power iteration, ...) is recomputed at every read.
         w = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
-        fast = self._fast_cell(input, hx, w)
-        if fast is not None:
-            return fast
+        if reset is None and not self.zoneout and not (self.weight_drop and self.training):
+            fast = self._fast_cell(input, hx, w)
+            if fast is not None:
+                return fast
         try:
-            return self._forward_cell(input, hx, w)
+            return self._forward_cell(input, hx, w, reset)
         except BadInputError as exc:
             raise _with_torch_message(exc, self, (input, hx)) from None
 
@@ -623,7 +711,7 @@ class _FusedCell(_Backend):
         out = self._torch_cell(xp, states, w)
         return tuple(t.dtype for t in out)
 
-    def _forward_cell(self, input, hx, weights):
+    def _forward_cell(self, input, hx, weights, reset=None):
         name = self._name
         is_lstm = self._mode == "LSTM"
         if not isinstance(input, Tensor):
@@ -646,7 +734,14 @@ class _FusedCell(_Backend):
 
         shapes = [(B, self.hidden_size)] * (2 if is_lstm else 1)
         states = _initial_states(name, hx, x, dtype, shapes, check_rank, None if is_batched else 0)
+        if reset is not None:
+            # rows that restart: the zero state, with no gradient to the hx they replace
+            restart = check_reset(reset, (B,) if is_batched else (), "batch" if is_batched else "a scalar",
+                                  x.device).reshape(B, 1)
+            states = [torch.where(restart, torch.zeros_like(s), s) for s in states]
         w = tuple(_cast_weights(weights, dtype))
+        if self.weight_drop > 0 and self.training:
+            w = (w[0], drop_weight(w[1], self.weight_drop)) + w[2:]
         kernels = []
         with _no_autocast(x) if dtype is not None else contextlib.nullcontext():
             if route == "torch":
@@ -659,6 +754,14 @@ class _FusedCell(_Backend):
                                  training=self.training, route=route, kernel=self.kernel,
                                  last_kernels=kernels)[1]
                 out = tuple(o.squeeze(0) for o in out)
+            if self.zoneout > 0:
+                # h' = z h + (1 - z) h~ (LSTM: h only)
+                h_prev, h_new = states[0], out[0]
+                if self.training:
+                    h_new = torch.where(zoneout_mask(self.zoneout, h_new.shape, x.device), h_prev, h_new)
+                else:
+                    h_new = self.zoneout * h_prev + (1 - self.zoneout) * h_new
+                out = (h_new,) + tuple(out[1:])
         if out_dtypes is not None:
             out = tuple(t.to(d) for t, d in zip(out, out_dtypes))
         self._record(route, kernels)
@@ -667,7 +770,7 @@ class _FusedCell(_Backend):
         return out if is_lstm else out[0]
 
     def extra_repr(self):
-        s = super().extra_repr()
+        s = super().extra_repr() + self._variants_repr()
         return s if self.backend == "auto" else s + f", backend={self.backend!r}"
 
 
@@ -692,7 +795,7 @@ class RNNCell(_FusedCell, nn.RNNCell):
     _name = "RNNCell"
 
     def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None,
-                 *, backend="auto"):
+                 *, backend="auto", zoneout=0.0, weight_drop=0.0):
         check_choice(backend, BACKENDS, "backend")
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
@@ -700,6 +803,7 @@ class RNNCell(_FusedCell, nn.RNNCell):
         TORCH_CLASSES["RNNCell"].__init__(self, input_size, hidden_size, bias, nonlinearity, device=device,
                                           dtype=dtype)
         self._init_backend(backend)
+        self._init_variants(zoneout, weight_drop, layer=False)
 
     @property
     def _mode(self):

@@ -38,6 +38,11 @@ transforms that key is never reached and nothing changes.
 
 Shapes: x (T, B, I); w_ih (D, GH, I); b_ih, b_hh (D, GH); w_hh (D, GH, P); w_hr (D, P, H);
 h0 (D, B, P); c0 (D, B, H); lengths (B,) int64.
+
+Variants (issue 12; fusedrnn/reference.py defines them), trailing arguments of both ops with
+defaults that turn them off: zoneout (D, T, B, P) bool mask (training) or None, zoneout_p the eval
+blend weight (float, 0: off), reset (D, T, B) bool or None (per direction, indexed by time, the
+reverse direction's already shifted by reference.reset_for_direction).
 """
 from __future__ import annotations
 
@@ -53,6 +58,19 @@ from .spec import GATES, LOOP_KERNEL, saved_widths, work_dtype
 
 def _empty(like, dtype=None):
     return like.new_empty(0, dtype=dtype)
+
+
+def _variant_kw(zoneout, zoneout_p, reset):
+    """The scan implementations' keyword arguments for the variants that are on (none: the plain
+    call, so the scan contract without variants is unchanged)."""
+    kw = {}
+    if zoneout is not None:
+        kw["zoneout"] = zoneout
+    elif zoneout_p > 0:
+        kw["zoneout_p"] = zoneout_p
+    if reset is not None:
+        kw["reset"] = reset
+    return kw
 
 
 def _scan(kernel, allow_tf32, mode, x, w_hh):
@@ -82,17 +100,20 @@ def _input_projection(x, w_ih, b_ih):
 @torch.library.custom_op("fusedrnn::layer", mutates_args=())
 def layer(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], w_hh: Tensor, b_hh: Optional[Tensor],
           w_hr: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], lengths: Optional[Tensor],
-          mode: str, kernel: str, save: bool, allow_tf32: bool
+          mode: str, kernel: str, save: bool, allow_tf32: bool, zoneout: Optional[Tensor] = None,
+          zoneout_p: float = 0.0, reset: Optional[Tensor] = None
           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One layer, all directions: returns y, hn, cn, and the workspace hp, gates, cs."""
     forward, _, kw = _scan(kernel, allow_tf32, mode, x, w_hh)
     xg = _input_projection(x, w_ih, b_ih)
     return tuple(forward(mode, xg, w_hh.contiguous(), b_hh, w_hr, h0.contiguous(),
-                         None if c0 is None else c0.contiguous(), lengths, save, **kw))
+                         None if c0 is None else c0.contiguous(), lengths, save, **kw,
+                         **_variant_kw(zoneout, zoneout_p, reset)))
 
 
 @layer.register_fake
-def _layer_fake(x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0, lengths, mode, kernel, save, allow_tf32):
+def _layer_fake(x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0, lengths, mode, kernel, save, allow_tf32,
+                zoneout=None, zoneout_p=0.0, reset=None):
     T, B, _ = x.shape
     D, GH, P = w_hh.shape
     H = GH // GATES[mode]
@@ -131,7 +152,8 @@ def _bias_grad(a, groups, acc_dtype):
 def layer_backward(dy: Tensor, dhn: Tensor, dcn: Optional[Tensor], x: Tensor, w_ih: Tensor,
                    b_ih: Optional[Tensor], w_hh: Tensor, b_hh: Optional[Tensor], w_hr: Optional[Tensor],
                    h0: Tensor, c0: Optional[Tensor], lengths: Optional[Tensor], hp: Tensor,
-                   gates: Tensor, cs: Tensor, mode: str, kernel: str, allow_tf32: bool, groups: int
+                   gates: Tensor, cs: Tensor, mode: str, kernel: str, allow_tf32: bool, groups: int,
+                   zoneout: Optional[Tensor] = None, zoneout_p: float = 0.0, reset: Optional[Tensor] = None
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of `layer`: dx, dw_ih, db_ih, dw_hh, db_hh, dw_hr, dh0, dc0 (empty when absent).
 
@@ -144,7 +166,8 @@ def layer_backward(dy: Tensor, dhn: Tensor, dcn: Optional[Tensor], x: Tensor, w_
     _, backward, kw = _scan(kernel, allow_tf32, mode, x, w_hh)
     dxg, dgh, dh0, dc0, dhp = backward(mode, dy.contiguous(), dhn.contiguous(),
                                        None if dcn is None else dcn.contiguous(),
-                                       w_hh.contiguous(), w_hr, lengths, hp, gates, cs, **kw)
+                                       w_hh.contiguous(), w_hr, lengths, hp, gates, cs, **kw,
+                                       **_variant_kw(zoneout, zoneout_p, reset))
     T, B, I = x.shape
     dt = x.dtype
     dx = torch.bmm(dxg.reshape(D, T * B, GH), w_ih).sum(0).view(T, B, I)
@@ -165,7 +188,7 @@ def layer_backward(dy: Tensor, dhn: Tensor, dcn: Optional[Tensor], x: Tensor, w_
 
 @layer_backward.register_fake
 def _layer_backward_fake(dy, dhn, dcn, x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0, lengths, hp, gates,
-                         cs, mode, kernel, allow_tf32, groups):
+                         cs, mode, kernel, allow_tf32, groups, zoneout=None, zoneout_p=0.0, reset=None):
     D, GH, P = w_hh.shape
     H = GH // GATES[mode]
     B = x.shape[1]
@@ -183,13 +206,27 @@ def _layer_backward_fake(dy, dhn, dcn, x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0, 
 # The layer's tensor inputs, in schema order, and those that can receive a gradient.
 _LAYER_TENSORS = ("x", "w_ih", "b_ih", "w_hh", "b_hh", "w_hr", "h0", "c0", "lengths")
 _PRIMALS = ("x", "w_ih", "b_ih", "w_hh", "b_hh", "w_hr", "h0", "c0")
+# The variant arguments, which follow the configuration (mode, kernel, ...) in both ops.
+_VARIANTS = ("zoneout", "zoneout_p", "reset")
+
+
+def _variants_of(inputs, n_before):
+    """{name: value} of the variant arguments, which start at inputs[n_before] (defaults when
+    the call left them out)."""
+    given = dict(zip(_VARIANTS, inputs[n_before:]))
+    return {"zoneout": given.get("zoneout"), "zoneout_p": float(given.get("zoneout_p", 0.0)),
+            "reset": given.get("reset")}
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0, lengths, mode, kernel, save, allow_tf32 = inputs
+    x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0, lengths, mode, kernel, save, allow_tf32 = inputs[:13]
+    variants = _variants_of(inputs, 13)
     _, hn, cn, hp, gates, cs = output
-    ctx.save_for_backward(x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0, lengths, hp, gates, cs)
+    ctx.save_for_backward(x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0, lengths, hp, gates, cs,
+                          variants["zoneout"], variants["reset"])
     ctx.config = (mode, kernel, save, allow_tf32)
+    ctx.zoneout_p = variants["zoneout_p"]
+    ctx.n_inputs = len(inputs)
     ctx.mark_non_differentiable(hp, gates, cs)
 
 
@@ -198,7 +235,7 @@ def _backward(ctx, dy, dhn, dcn, *_workspace_grads):
     if not save:
         raise RuntimeError("fusedrnn: this layer ran without saving activations for backward "
                            "(save=False); run it with gradients enabled to differentiate it")
-    x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0, lengths, hp, gates, cs = ctx.saved_tensors
+    x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0, lengths, hp, gates, cs, zoneout, reset = ctx.saved_tensors
     if dy is None:
         dy = x.new_zeros(x.shape[0], x.shape[1], w_hh.shape[0] * w_hh.shape[2])
     if dhn is None:
@@ -209,20 +246,24 @@ def _backward(ctx, dy, dhn, dcn, *_workspace_grads):
         dcn = None
     dx, dw_ih, db_ih, dw_hh, db_hh, dw_hr, dh0, dc0 = torch.ops.fusedrnn.layer_backward(
         dy, dhn, dcn, x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0, lengths, hp, gates, cs, mode, kernel,
-        allow_tf32, 1)
+        allow_tf32, 1, zoneout, ctx.zoneout_p, reset)
     has_bias = b_ih is not None
     return (dx, dw_ih, db_ih if has_bias else None, dw_hh, db_hh if has_bias else None,
             dw_hr if w_hr is not None else None, dh0, dc0 if mode == "LSTM" else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None, None, None)[:ctx.n_inputs]
 
 
 torch.library.register_autograd("fusedrnn::layer", _backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------- the differentiable recomputation (reference.py)
-def _reference_layer(mode, x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0, lengths):
+def _reference_layer(mode, x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0, lengths, variants=None):
     """(y, hn, cn) of one layer by fusedrnn/reference.py, in the work dtype the kernels use; plain
-    PyTorch, so autograd, forward AD and vmap all go through it."""
+    PyTorch, so autograd, forward AD and vmap all go through it. variants: {zoneout, zoneout_p,
+    reset} as the op takes them, or None."""
+    variants = variants or {}
+    zoneout, reset = variants.get("zoneout"), variants.get("reset")
+    zoneout_p = variants.get("zoneout_p", 0.0)
     dt, wdt = x.dtype, work_dtype(x.dtype)
     cast = (lambda t: t if t is None else t.to(wdt)) if wdt != dt else (lambda t: t)
     x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0 = map(cast, (x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0))
@@ -231,7 +272,9 @@ def _reference_layer(mode, x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0, lengths):
     for d in range(w_hh.shape[0]):
         state = (h0[d], c0[d]) if mode == "LSTM" else (h0[d],)
         weights = (w_ih[d], w_hh[d], pick(b_ih, d), pick(b_hh, d), pick(w_hr, d))
-        y, final = reference.layer_direction(mode, x, state, weights, lengths, reverse=d == 1)
+        z = zoneout[d] if zoneout is not None else (zoneout_p if zoneout_p > 0 else None)
+        y, final = reference.layer_direction(mode, x, state, weights, lengths, reverse=d == 1, zoneout=z,
+                                             reset=None if reset is None else reset[d])
         ys.append(y)
         hns.append(final[0])
         if mode == "LSTM":
@@ -246,14 +289,14 @@ def _present(values, names):
     return [n for n in names if values[n] is not None]
 
 
-def _reference_grads(mode, lengths, primals, cotangents):
+def _reference_grads(mode, lengths, primals, cotangents, variants=None):
     """First-order gradients of the layer by reference.py: {name: grad} for the primals present.
     primals: {name in _PRIMALS: tensor or None}; cotangents: (dy, dhn[, dcn])."""
     names = _present(primals, _PRIMALS)
 
     def outputs(*tensors):
         values = dict(primals, **dict(zip(names, tensors)))
-        y, hn, cn = _reference_layer(mode, *(values[n] for n in _PRIMALS), lengths)
+        y, hn, cn = _reference_layer(mode, *(values[n] for n in _PRIMALS), lengths, variants)
         return (y, hn, cn) if mode == "LSTM" else (y, hn)
 
     _, vjp = torch.func.vjp(outputs, *(primals[n] for n in names))
@@ -264,7 +307,7 @@ def _reference_grads(mode, lengths, primals, cotangents):
 _GRAD_OUTPUTS = ("x", "w_ih", "b_ih", "w_hh", "b_hh", "w_hr", "h0", "c0")
 
 
-def _reference_second_order(mode, lengths, primals, cotangents, grad_outputs):
+def _reference_second_order(mode, lengths, primals, cotangents, grad_outputs, variants=None):
     """The vjp of the first-order gradients: gradients with respect to (primals, cotangents) given
     grad_outputs, {name: tensor or None} for each of layer_backward's outputs."""
     p_names = _present(primals, _PRIMALS)
@@ -273,7 +316,7 @@ def _reference_second_order(mode, lengths, primals, cotangents, grad_outputs):
 
     def first_order(*tensors):
         p = dict(primals, **dict(zip(p_names, tensors[:len(p_names)])))
-        grads = _reference_grads(mode, lengths, p, tensors[len(p_names):])
+        grads = _reference_grads(mode, lengths, p, tensors[len(p_names):], variants)
         return tuple(grads[n] for n in g_names)
 
     if not g_names:
@@ -286,9 +329,22 @@ def _reference_second_order(mode, lengths, primals, cotangents, grad_outputs):
 _LB_TENSORS = ("dy", "dhn", "dcn") + _PRIMALS + ("lengths", "hp", "gates", "cs")
 
 
+_LB_CONFIG = 4  # mode, kernel, allow_tf32, groups
+
+
 def _lb_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:len(_LB_TENSORS)])
-    ctx.mode, ctx.groups = inputs[len(_LB_TENSORS)], inputs[-1]
+    n = len(_LB_TENSORS)
+    ctx.variants = _variants_of(inputs, n + _LB_CONFIG)
+    ctx.save_for_backward(*inputs[:n], ctx.variants["zoneout"], ctx.variants["reset"])
+    ctx.mode, ctx.groups = inputs[n], inputs[n + 3]
+    ctx.n_inputs = len(inputs)
+
+
+def _lb_saved(ctx):
+    """(saved tensors by name, variants with the saved masks)."""
+    saved = list(ctx.saved_tensors)
+    variants = dict(ctx.variants, zoneout=saved[-2], reset=saved[-1])
+    return dict(zip(_LB_TENSORS, saved[:-2])), variants
 
 
 def _lb_backward(ctx, *grads):
@@ -296,14 +352,16 @@ def _lb_backward(ctx, *grads):
     if ctx.groups != 1:
         raise RuntimeError("fusedrnn: differentiating per-group (vmapped) weight gradients is not "
                            "supported")
-    saved = dict(zip(_LB_TENSORS, ctx.saved_tensors))
+    saved, variants = _lb_saved(ctx)
     primals = {n: saved[n] for n in _PRIMALS}
     cotangents = (saved["dy"], saved["dhn"], saved["dcn"])
     grad_outputs = {n: (g if primals[n] is not None else None) for n, g in zip(_GRAD_OUTPUTS, grads)}
     d_primals, d_cot = _reference_second_order(ctx.mode, saved["lengths"], primals, cotangents,
-                                               grad_outputs)
+                                               grad_outputs, variants)
     d_cot = d_cot + [None] * (3 - len(d_cot))
-    return (*d_cot, *(d_primals.get(n) for n in _PRIMALS)) + (None,) * 8
+    # no gradient for lengths, the workspace, the configuration and the variants
+    grads = (*d_cot, *(d_primals.get(n) for n in _PRIMALS)) + (None,) * (4 + _LB_CONFIG + len(_VARIANTS))
+    return grads[:ctx.n_inputs]
 
 
 torch.library.register_autograd("fusedrnn::layer_backward", _lb_backward, setup_context=_lb_setup_context)
@@ -314,6 +372,19 @@ torch.library.register_autograd("fusedrnn::layer_backward", _lb_backward, setup_
 _LAYER_BATCH_POS = {"x": 1, "w_ih": None, "b_ih": None, "w_hh": None, "b_hh": None, "w_hr": None,
                     "h0": 1, "c0": 1, "lengths": 0}
 _LB_BATCH_POS = dict(_LAYER_BATCH_POS, dy=1, dhn=1, dcn=1, hp=2, gates=2, cs=2)
+# The variants' masks, (D, T, B, P) and (D, T, B): batch at dimension 2.
+_VARIANT_BATCH_POS = {"zoneout": 2, "zoneout_p": None, "reset": 2}
+
+
+def _fold_variants(tail, tail_dims, n_config, n):
+    """The configuration and variant arguments (after the tensors) with the variants' masks
+    folded like the other per-row tensors."""
+    out = list(tail[:n_config])
+    for name, a, d in zip(_VARIANTS, tail[n_config:], tail_dims[n_config:]):
+        pos = _VARIANT_BATCH_POS[name]
+        out.append(_fold(a, d, pos, n) if pos is not None and a is not None else a)
+    return out
+
 
 
 def _fold(t, bdim, pos, n):
@@ -361,10 +432,10 @@ def _layer_vmap(info, in_dims, *args):
         return _loop_rule(torch.ops.fusedrnn.layer, n, in_dims, args)
     folded = [_fold(a, d, _LAYER_BATCH_POS[name], n) if _LAYER_BATCH_POS[name] is not None else a
               for name, a, d in zip(names, args, in_dims)]
-    mode, kernel, save, allow_tf32 = args[len(names):]
+    mode, kernel, save, allow_tf32, *variants = _fold_variants(args[len(names):], in_dims[len(names):], 4, n)
     # The kernel was chosen for the per-sample batch; the folded batch is n times larger.
     kernel = "auto" if kernel == "persistent" else kernel
-    out = torch.ops.fusedrnn.layer(*folded, mode, kernel, save, allow_tf32)
+    out = torch.ops.fusedrnn.layer(*folded, mode, kernel, save, allow_tf32, *variants)
     res = [_unfold(t, pos, n) for t, pos in zip(out, (1, 1, 1, 2, 2, 2))]
     return tuple(r[0] for r in res), tuple(r[1] for r in res)
 
@@ -376,9 +447,10 @@ def _layer_backward_vmap(info, in_dims, *args):
         return _loop_rule(torch.ops.fusedrnn.layer_backward, n, in_dims, args)
     folded = [_fold(a, d, _LB_BATCH_POS[name], n) if _LB_BATCH_POS[name] is not None else a
               for name, a, d in zip(names, args, in_dims)]
-    mode, kernel, allow_tf32, groups = args[len(names):]
+    mode, kernel, allow_tf32, groups, *variants = _fold_variants(args[len(names):], in_dims[len(names):],
+                                                                 _LB_CONFIG, n)
     kernel = "auto" if kernel == "persistent" else kernel
-    out = torch.ops.fusedrnn.layer_backward(*folded, mode, kernel, allow_tf32, groups * n)
+    out = torch.ops.fusedrnn.layer_backward(*folded, mode, kernel, allow_tf32, groups * n, *variants)
     res = []
     for k, t in enumerate(out):
         if t.dim() == 1 and t.numel() == 0:
@@ -404,6 +476,7 @@ class _LayerFunction(torch.autograd.Function):
         _setup_context(ctx, inputs, output)
         ctx.save_for_forward(*inputs[:len(_LAYER_TENSORS)])
         ctx.mode = inputs[len(_LAYER_TENSORS)]
+        ctx.variants = _variants_of(inputs, len(_LAYER_TENSORS) + 4)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -420,7 +493,8 @@ class _LayerFunction(torch.autograd.Function):
 
         def outputs(*tensors):
             v = dict(values, **dict(zip(names, tensors)))
-            y, hn, cn = _reference_layer(ctx.mode, *(v[n] for n in _PRIMALS), values["lengths"])
+            y, hn, cn = _reference_layer(ctx.mode, *(v[n] for n in _PRIMALS), values["lengths"],
+                                         ctx.variants)
             return (y, hn, cn) if ctx.mode == "LSTM" else (y, hn)
 
         out = torch.func.jvp(outputs, primals, tangents)[1]
@@ -444,6 +518,7 @@ class _LayerBackwardFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         _lb_setup_context(ctx, inputs, output)
         ctx.save_for_forward(*inputs[:len(_LB_TENSORS)])
+        ctx.fwd_variants = ctx.variants
 
     @staticmethod
     def backward(ctx, *grads):
@@ -454,6 +529,7 @@ class _LayerBackwardFunction(torch.autograd.Function):
         # forward-over-reverse (Hessian-vector products): the tangent of the first-order gradients,
         # by reference.py
         saved = dict(zip(_LB_TENSORS, ctx.saved_tensors))
+        variants = ctx.fwd_variants
         tangents = dict(zip(_LB_TENSORS, tangents))
         names = [n for n in ("dy", "dhn", "dcn") + _PRIMALS if saved[n] is not None]
         base = {n: saved[n] for n in _PRIMALS}
@@ -462,7 +538,7 @@ class _LayerBackwardFunction(torch.autograd.Function):
         def first_order(*tensors):
             v = dict(saved, **dict(zip(names, tensors)))
             grads = _reference_grads(ctx.mode, saved["lengths"], {n: v[n] for n in _PRIMALS},
-                                     tuple(v[c] for c in ("dy", "dhn", "dcn") if v[c] is not None))
+                                     tuple(v[c] for c in ("dy", "dhn", "dcn") if v[c] is not None), variants)
             return tuple(grads[n] for n in order)
 
         t_in = tuple(tangents[n] if tangents[n] is not None else torch.zeros_like(saved[n]) for n in names)
