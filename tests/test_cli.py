@@ -348,3 +348,19 @@ def test_runtime_never_imports_the_tools():
                        timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() == "[]", r.stdout
+
+
+def test_tune_command_shows_and_clears_the_cache(tmp_path, monkeypatch, capsys):
+    from fusedrnn import tune
+    from fusedrnn.tools import cli
+    monkeypatch.setenv("FUSEDRNN_CACHE_DIR", str(tmp_path))
+    tune.reset()
+    key = tune.make_key("GRU", input_size=3, hidden_size=4, batch=2, seq_len=5, dtype="fp32",
+                        training=False, device="cpu")
+    tune.get_tuner().cache.put(key, tune.Decision.static("test entry"))
+    assert cli.main(["tune", "--show"]) == 0
+    assert "GRU I=3 H=4" in capsys.readouterr().out
+    assert cli.main(["tune", "--clear"]) == 0
+    assert "removed 1" in capsys.readouterr().out
+    assert tune.get_tuner().cache.entries() == []
+    tune.reset()

@@ -25,6 +25,7 @@ import time
 from fusedrnn.spec import BACKENDS, CELLS, DTYPE_CHOICES, KERNEL_CHOICES, PASSES
 
 # (none of these import fusedrnn.kernels: TRITON_INTERPRET can still be set after them)
+from . import tune_cli
 from .sweep import PROVIDERS
 
 
@@ -84,7 +85,7 @@ def build_parser():
     p = argparse.ArgumentParser(prog="fusedrnn", formatter_class=_Formatter,
                                 description="fusedrnn: check and time the fused RNN kernels.")
     p.add_argument("--version", action="version", version=f"fusedrnn {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{verify,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{verify,bench,tune}")
     sub.required = True
 
     v = sub.add_parser("verify", formatter_class=_Formatter,
@@ -117,6 +118,7 @@ def build_parser():
                    help="start no new case after this many seconds (the rest: not run; exit "
                         "status 0 only if every case that ran passed; default: no limit)")
 
+    tune_cli.add_parser(sub)
     b = sub.add_parser("bench", formatter_class=_Formatter, help="time providers side by side",
                        description="Time fusedrnn against cuDNN / torch.nn / the reference. "
                                    "List-valued flags take comma lists and form a sweep "
@@ -200,6 +202,8 @@ def _pick_device(requested):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "tune":
+        return tune_cli.cmd_tune(args)
     if args.command == "bench":
         if args.barrier and args.roofline:
             parser.error("--barrier measures on the device; --roofline runs nothing: pick one")
