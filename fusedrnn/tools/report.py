@@ -45,6 +45,8 @@ def table_rows(records):
         note = r["note"] or ""
         if r["status"] == "error":
             note = "ERROR " + note
+        if r.get("tuning_ms") is not None:
+            note = f"tuned in {r['tuning_ms']:.0f} ms" + (f"; {note}" if note else "")
         rows.append((r["cell"], r["dtype"], r["pass"], r["seq"], r["batch"], r["input"],
                      r["hidden"], r["layers"], 2 if r["bidirectional"] else 1, r["provider"],
                      fmt(r["median_ms"], ".3f"),
