@@ -424,13 +424,21 @@ def compare(model, example_inputs, backend=None, dtype=None, kernel=None, label=
 
 
 def _routes(model):
-    """The backends (and kernels) fusedrnn modules actually used in their last call."""
+    """The routes (and kernels) fusedrnn modules actually used in their last call, with the
+    measured choice of backend="auto" where one was made."""
     out = set()
     for sub in model.modules():
         route = getattr(sub, "last_backend", None)
         if route is not None:
             kernels = getattr(sub, "last_kernels", None)
-            out.add(f"{route}" + (f"/{'+'.join(sorted(set(kernels)))}" if kernels else ""))
+            text = f"{route}" + (f"/{'+'.join(sorted(set(kernels)))}" if kernels else "")
+            tuning = getattr(sub, "last_tuning", None)
+            if tuning is not None and tuning.chosen is not None:
+                # backend="auto"'s measured choice, with the kernels it excluded and why
+                text += f" ({tuning.source}: {tuning.chosen}"
+                text += "".join(f"; excluded {n}: {why}" for n, why in sorted(tuning.excluded.items()))
+                text += ")"
+            out.add(text)
     return sorted(out)
 
 
