@@ -438,9 +438,10 @@ class LNConfig:
     mm_warps: int = 4
 
 
-# Elements of one [units, batch] tile of the stepwise row kernels: the LSTM backward keeps ~20
-# such tiles live, so 2048 elements at 8 warps are ~160 values per thread.
-ROW_TILE_ELEMS = 2048
+# Elements of one [units, batch] tile of the stepwise row kernels (float64: half). The LSTM keeps
+# ~20 such tiles live: at H = 512, 2048 elements (BLOCK_B = 4, 8 warps) spilled 200-224 B per
+# thread in the LSTM kernels on sm_90 (1008 B in float64); 1024 (BLOCK_B = 2) spills 0-8 B.
+ROW_TILE_ELEMS = 1024
 # Persistent: rows are independent, so batch tiles of this size run as separate programs.
 PERSISTENT_BLOCK_B = 16
 
@@ -458,7 +459,8 @@ def ln_plan(mode, D, B, H, dtype, device):
 
 def ln_step_config(mode, B, H, dtype):
     block_h = _np2(H)
-    block_b = max(1, min(_np2(B), ROW_TILE_ELEMS // block_h))
+    budget = ROW_TILE_ELEMS // (2 if dtype == torch.float64 else 1)
+    block_b = max(1, min(_np2(B), budget // block_h))
     return LNConfig(False, block_b, block_h, 16, 8 if block_h * block_b >= 1024 else 4,
                     MM_B=_clamp_block(B, 32), MM_M=32,
                     MM_K=_clamp_block(H, 16 if dtype == torch.float64 else 32), mm_warps=4)
@@ -637,3 +639,46 @@ def ln_scan_backward(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp, 
                                        gates, cs, kernel, allow_tf32)
     run(launches)
     return outs
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time configurations (bench/layernorm_bench.py --resources; no GPU needed)
+# ----------------------------------------------------------------------------------------------
+
+# (B, H): a tiny layer (masks everywhere), the GPU target's stepwise shape, and the largest
+# persistent layers (float32 / float64 at H = 32 / 16, half precision at H = 64; B = 16).
+AOT_SHAPES = ((3, 5), (64, 512), (16, 16), (16, 32), (16, 64))
+
+
+def aot_configs(dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64)):
+    """Every distinct kernel configuration the launchers pick for AOT_SHAPES (all features on:
+    lengths, save, GRU's hidden bias), as fusedrnn.kernels.aot.KernelConfig, planned on meta
+    tensors as an sm_90."""
+    from .aot import _SIG, KernelConfig, specialize
+    meta = torch.device("meta")
+    seen = {}
+    for mode in LN_MODES:
+        G = GATES[mode]
+        lstm = mode == "LSTM"
+        for dt in dtypes:
+            wdt = work_dtype(dt)
+            for B, H in AOT_SHAPES:
+                for kernel in TRITON_KERNELS:
+                    if kernel == "persistent" and ln_plan(mode, 2, B, H, dt, meta) is None:
+                        continue
+                    D, T = 2, 1
+                    e = lambda *s, d=dt: torch.empty(*s, dtype=d, device=meta)  # noqa: E731
+                    outs, fwd = forward_launches(mode, e(D, T, B, G * H, d=wdt), e(D, G * H, H), e(D, G * H),
+                                                 None if lstm else e(D, G * H), e(D, H) if lstm else None,
+                                                 e(D, H) if lstm else None, e(D, B, H), e(D, B, H) if lstm else None,
+                                                 e(B, d=torch.int64), True, kernel, False)
+                    y, hn, cn, hp, hw, stats, gates, cs = outs
+                    _, bwd = backward_launches(mode, y, hn, cn if lstm else None, e(D, G * H, H), e(D, G * H),
+                                               None if lstm else e(D, G * H), e(D, H) if lstm else None,
+                                               e(D, H) if lstm else None, e(B, d=torch.int64), hp, hw, stats,
+                                               gates, cs, kernel, False)
+                    for ln in list(fwd) + list(bwd):
+                        fn, sig, const = specialize(ln.kernel, ln.args)
+                        cfg = KernelConfig(fn, sig, const, ln.num_warps, _SIG[dt])
+                        seen.setdefault((cfg.name, cfg.signature, cfg.constexprs, cfg.num_warps), cfg)
+    return list(seen.values())

@@ -1,0 +1,349 @@
+"""LayerNormLSTM / LayerNormGRU (layers and cells): every route against the float64 reference.
+
+Routes: "loop" (the CPU default: fusedrnn/layernorm.py's PyTorch scan with its hand-written
+backward), "triton" (kernels/layernorm.py through the interpreter, stepwise and persistent, with
+NaN-poisoned allocations) and "reference" (the oracle, plain step loop with autograd). Tolerances
+(relative norm, outputs and every gradient): float64 1e-12 for the loop, 1e-10 for the kernels;
+float32 1e-5; float16 / bfloat16 no worse than the reference run in that dtype (x1.5 + 2 eps).
+Sizes are tiny and not multiples of any block (H = 5, B = 3, I = 3; T = 4).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fusedrnn
+from conftest import assert_close_rel, rel_err
+from fusedrnn import layernorm as L
+from fusedrnn.errors import BadInputError
+
+I, H, B, T = 3, 5, 3, 4
+LENGTHS = torch.tensor([4, 1, 3])          # unsorted, one row dies after a single step
+CLASSES = {"LSTM": fusedrnn.LayerNormLSTM, "GRU": fusedrnn.LayerNormGRU}
+CELLS = {"LSTM": fusedrnn.LayerNormLSTMCell, "GRU": fusedrnn.LayerNormGRUCell}
+
+
+def _make(mode, dtype=torch.float64, **kw):
+    torch.manual_seed(1)
+    m = CLASSES[mode](I, H, dtype=torch.float64, **kw)
+    with torch.no_grad():
+        for p in m.parameters():  # gains and LN biases away from 1 / 0, so every parameter matters
+            p.uniform_(-0.8, 0.8)
+    return m.to(dtype)
+
+
+def _twin(m, dtype=torch.float64, backend="reference"):
+    """A module of the same class and configuration with `m`'s parameters, in `dtype`."""
+    kw = dict(num_layers=m.num_layers, bias=m.bias, batch_first=m.batch_first, bidirectional=m.bidirectional)
+    twin = type(m)(m.input_size, m.hidden_size, dtype=dtype, backend=backend, **kw)
+    twin.load_state_dict({k: v.to(dtype) for k, v in m.state_dict().items()})
+    return twin
+
+
+def _run(m, x, packed=False, hx=None):
+    """Outputs and gradients of a fixed random projection of (y, h_n[, c_n]) w.r.t. x, h0 and every
+    parameter."""
+    dtype = m.weight_ih_l0.dtype
+    x = x.to(dtype).requires_grad_()
+    hx = None if hx is None else tuple(h.to(dtype).requires_grad_() for h in hx)
+    inp = pack_padded_sequence(x, LENGTHS, enforce_sorted=False) if packed else x
+    y, h = m(inp, None if hx is None else (hx if m.mode == "LSTM" else hx[0]))
+    y = y.data if packed else y
+    outs = [y] + (list(h) if m.mode == "LSTM" else [h])
+    gen = torch.Generator().manual_seed(0)
+    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum() for o in outs)
+    leaves = [x] + list(hx or []) + list(m.parameters())
+    grads = torch.autograd.grad(loss, leaves)
+    return outs + list(grads)
+
+
+def _names(m, hx=True):
+    return ["y", "h_n"] + (["c_n"] if m.mode == "LSTM" else []) + ["d_input"] + (
+        ["d_h0", "d_c0"][:2 if m.mode == "LSTM" else 1] if hx else []) + [f"d_{n}" for n, _ in m.named_parameters()]
+
+
+def _hx(mode, n):
+    return tuple(torch.randn(n, B, H, dtype=torch.float64) for _ in range(2 if mode == "LSTM" else 1))
+
+
+def _compare(got, ref, names, tol, what):
+    for g, r, n in zip(got, ref, names):
+        assert_close_rel(g.double(), r.double(), tol, f"{what}: {n}")
+
+
+# ------------------------------------------------------------------------------- the CPU route
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("bidirectional,num_layers,packed", [(False, 1, False), (True, 2, True), (True, 1, False),
+                                                             (False, 2, True)])
+def test_loop_matches_reference_float64(mode, bidirectional, num_layers, packed):
+    m = _make(mode, num_layers=num_layers, bidirectional=bidirectional)
+    D = 2 if bidirectional else 1
+    x, hx = torch.randn(T, B, I, dtype=torch.float64), _hx(mode, num_layers * D)
+    got = _run(m, x, packed, hx)
+    assert m.last_backend == "loop" and m.last_kernels == ["loop"] * num_layers
+    _compare(got, _run(_twin(m), x, packed, hx), _names(m), 1e-12, "loop fp64")
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_loop_float32_and_batch_first_unbatched(mode):
+    m = _make(mode, torch.float32, bidirectional=True, batch_first=True)
+    ref = _twin(m)
+    x = torch.randn(B, T, I, dtype=torch.float64)
+    _compare(_run(m, x), _run(ref, x), _names(m, hx=False), 1e-5, "loop fp32 batch_first")
+    xu = torch.randn(T, I)
+    yu, hu = m(xu)
+    yr, hr = ref(xu.double())
+    assert yu.shape == (T, 2 * H)
+    assert_close_rel(yu.double(), yr, 1e-5, "unbatched y")
+    assert_close_rel((hu[0] if mode == "LSTM" else hu).double(), hr[0] if mode == "LSTM" else hr, 1e-5, "h_n")
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_cells_match_reference(mode, triton_device):
+    torch.manual_seed(2)
+    cell = CELLS[mode](I, H, dtype=torch.float64)
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.uniform_(-0.8, 0.8)
+    x = torch.randn(B, I, dtype=torch.float64)
+    hx = _hx(mode, 1)
+    hx = tuple(h[0] for h in hx)
+
+    def run(backend):
+        cell.backend = backend
+        xx = x.clone().requires_grad_()
+        hh = tuple(h.clone().requires_grad_() for h in hx)
+        out = cell(xx, hh if mode == "LSTM" else hh[0])
+        outs = list(out) if mode == "LSTM" else [out]
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view(o.shape)).sum() for o in outs)
+        return outs + list(torch.autograd.grad(loss, [xx, *hh, *cell.parameters()]))
+
+    ref = run("reference")
+    for backend, tol in (("auto", 1e-12), ("triton", 1e-10)):
+        got = run(backend)
+        assert cell.last_backend == ("loop" if backend == "auto" else "triton")
+        for i, (g, r) in enumerate(zip(got, ref)):
+            assert_close_rel(g, r, tol, f"{mode} cell {backend} [{i}]")
+    # unbatched input and no state
+    cell.backend = "auto"
+    y = cell(x[0])
+    yr = L.ln_cell_step(mode, x[:1], tuple(torch.zeros(1, H, dtype=torch.float64) for _ in hx),
+                        (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, cell.ln_ih_weight,
+                         cell.ln_hh_weight, getattr(cell, "ln_c_weight", None), getattr(cell, "ln_c_bias", None)))
+    assert_close_rel((y[0] if mode == "LSTM" else y), yr[0][0], 1e-12, "unbatched cell")
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_gradcheck_float64(mode, triton_device):
+    """Every parameter on the CPU route (bidirectional); on the kernels (stepwise, one direction,
+    T = 2: each numerical derivative is two interpreted runs) the input and the parameters that
+    enter through the recurrence only."""
+    torch.manual_seed(3)
+    for backend, bidirectional, T_, only in (("auto", True, 3, None),
+                                             ("triton", False, 2, ("weight_hh", "ln_hh", "ln_c", "bias_hh"))):
+        m = CLASSES[mode](2, 3, bidirectional=bidirectional, dtype=torch.float64, backend=backend, kernel="stepwise")
+        names = [n for n, _ in m.named_parameters() if only is None or n.startswith(only)]
+        x = torch.randn(T_, 2, 2, dtype=torch.float64, requires_grad=True)
+
+        def f(x, *ps):
+            with torch.nn.utils.stateless._reparametrize_module(m, dict(zip(names, ps))):
+                y, h = m(x)
+            return (y, *h) if mode == "LSTM" else (y, h)
+
+        assert torch.autograd.gradcheck(f, (x, *(getattr(m, n) for n in names)), eps=1e-6, atol=1e-7,
+                                        fast_mode=True)
+
+
+# ------------------------------------------------------------------------- the Triton kernels
+@pytest.fixture
+def poisoned():
+    from fusedrnn import kernels
+    kernels.set_poison(True)
+    yield
+    kernels.set_poison(False)
+
+
+KERNEL_CASES = [  # (bidirectional, num_layers, packed)
+    (True, 2, True),
+    (False, 1, False),
+]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kernel", ["stepwise", "persistent"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("case", KERNEL_CASES)
+def test_kernels_float64(mode, kernel, case, triton_device, poisoned):
+    bidirectional, num_layers, packed = case
+    m = _make(mode, num_layers=num_layers, bidirectional=bidirectional, backend="triton", kernel=kernel)
+    D = 2 if bidirectional else 1
+    x, hx = torch.randn(T, B, I, dtype=torch.float64), _hx(mode, num_layers * D)
+    got = _run(m, x, packed, hx)
+    assert m.last_backend == "triton" and m.last_kernels == [kernel] * num_layers
+    _compare(got, _run(_twin(m), x, packed, hx), _names(m), 1e-10, f"triton {kernel} fp64")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kernel", ["stepwise", "persistent"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_kernels_float32(mode, kernel, triton_device, poisoned):
+    m = _make(mode, torch.float32, bidirectional=True, backend="triton", kernel=kernel)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    _compare(_run(m, x, packed=True), _run(_twin(m), x, packed=True), _names(m, hx=False), 1e-5,
+             f"triton {kernel} fp32")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kernel", ["stepwise", "persistent"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_kernels_half_no_worse_than_reference_in_that_dtype(mode, kernel, dtype, triton_device, poisoned):
+    m = _make(mode, dtype, backend="triton", kernel=kernel)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    exact = _run(_twin(m), x, packed=True)
+    got = _run(m, x, packed=True)
+    base = _run(_twin(m, dtype), x, packed=True)   # the reference computed in `dtype`
+    eps = torch.finfo(dtype).eps
+    for g, b, e, n in zip(got, base, exact, _names(m, hx=False)):
+        assert g.dtype == dtype
+        assert rel_err(g, e) <= 1.5 * rel_err(b, e) + 2 * eps, (
+            f"{kernel} {dtype} {n}: {rel_err(g, e):.2e} vs the reference in {dtype} {rel_err(b, e):.2e}")
+
+
+@pytest.mark.triton
+def test_kernel_launch_counts_and_plans(triton_device):
+    from fusedrnn import kernels
+    K = L.triton_kernels()
+    assert K.ln_plan("LSTM", 2, 3, 5, torch.float32, "cpu") is not None
+    assert K.ln_plan("LSTM", 2, 64, 512, torch.bfloat16, "cpu") is None
+    m = _make("GRU", backend="triton", kernel="stepwise")
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    n0 = kernels.launch_count()
+    y, h = m(x)
+    assert kernels.launch_count() - n0 == 2 * T            # h W_hh^T + row kernel per step
+    (y.sum() + h.sum()).backward()
+    assert kernels.launch_count() - n0 == 2 * T + 2 * T + 1
+    m.kernel = "persistent"
+    n0 = kernels.launch_count()
+    y, h = m(x)
+    (y.sum() + h.sum()).backward()
+    assert kernels.launch_count() - n0 == 2
+
+
+# ------------------------------------------------------------------------- parameters and I/O
+def test_parameters_names_shapes_init():
+    m = fusedrnn.LayerNormLSTM(I, H, num_layers=2, bidirectional=True)
+    shapes = {n: tuple(p.shape) for n, p in m.named_parameters()}
+    assert shapes["weight_ih_l0"] == (4 * H, I) and shapes["weight_hh_l1_reverse"] == (4 * H, H)
+    assert shapes["ln_ih_weight_l0"] == (4 * H,) and shapes["ln_hh_weight_l1_reverse"] == (4 * H,)
+    assert shapes["ln_c_weight_l1"] == (H,) and shapes["ln_c_bias_l0_reverse"] == (H,)
+    for n, p in m.named_parameters():
+        if n.startswith("ln_"):
+            assert torch.all(p == (0.0 if "_bias" in n else 1.0)), n
+        else:
+            assert p.abs().max() <= H ** -0.5 and p.std() > 0, n
+    g = fusedrnn.LayerNormGRU(I, H)
+    assert sorted(n for n, _ in g.named_parameters() if n.startswith("ln_")) == ["ln_hh_weight_l0", "ln_ih_weight_l0"]
+    assert tuple(g.ln_ih_weight_l0.shape) == (3 * H,)
+    c = fusedrnn.LayerNormLSTMCell(I, H)
+    assert sorted(n for n, _ in c.named_parameters()) == sorted(
+        ["weight_ih", "weight_hh", "bias_ih", "bias_hh", "ln_ih_weight", "ln_hh_weight", "ln_c_weight", "ln_c_bias"])
+    with torch.no_grad():
+        m.ln_c_bias_l0.fill_(3.0)
+    m.reset_parameters()
+    assert torch.all(m.ln_c_bias_l0 == 0) and torch.all(m.ln_ih_weight_l0 == 1)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_loads_torch_nn_weights_and_state_dict_round_trip(mode):
+    torch_cls = nn.LSTM if mode == "LSTM" else nn.GRU
+    t = torch_cls(I, H, num_layers=2, bidirectional=True)
+    m = CLASSES[mode](I, H, num_layers=2, bidirectional=True)
+    result = m.load_state_dict(t.state_dict(), strict=False)
+    assert not result.unexpected_keys
+    assert sorted(result.missing_keys) == sorted(n for n, _ in m.named_parameters() if n.startswith("ln_"))
+    for n, p in t.named_parameters():
+        assert torch.equal(getattr(m, n), p)
+    m2 = CLASSES[mode](I, H, num_layers=2, bidirectional=True)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1)
+    m2.load_state_dict(m.state_dict())
+    x = torch.randn(T, B, I)
+    assert torch.equal(m(x)[0], m2(x)[0])
+
+
+def test_bad_input_raises_clear_errors():
+    with pytest.raises(ValueError, match="proj_size"):
+        fusedrnn.LayerNormLSTM(I, H, proj_size=2)
+    with pytest.raises(ValueError, match="backend"):
+        fusedrnn.LayerNormGRU(I, H, backend="cudnn")
+    with pytest.raises(ValueError, match="hidden_size"):
+        fusedrnn.LayerNormLSTM(I, 0)
+    with pytest.raises(ValueError, match="hidden_size"):
+        fusedrnn.LayerNormGRUCell(I, -1)
+    m = fusedrnn.LayerNormLSTM(I, H)
+    x = torch.randn(T, B, I)
+    with pytest.raises(BadInputError, match="h_0"):
+        m(x, (torch.zeros(1, B, H + 1), torch.zeros(1, B, H)))
+    with pytest.raises(BadInputError, match="c_0"):
+        m(x, (torch.zeros(1, B, H), torch.zeros(2, B, H)))
+    with pytest.raises(BadInputError, match="input_size"):
+        m(torch.randn(T, B, I + 1))
+    with pytest.raises(BadInputError, match="h_0, c_0"):
+        m(x, torch.zeros(1, B, H))
+    with pytest.raises(BadInputError, match="h_0"):
+        fusedrnn.LayerNormGRU(I, H)(x, torch.zeros(1, B + 1, H))
+    with pytest.raises(BadInputError, match="dtype"):
+        m(x.double())
+    with pytest.raises(BadInputError, match="h_0"):
+        fusedrnn.LayerNormGRUCell(I, H)(torch.randn(B, I), torch.zeros(B, H + 2))
+
+
+def test_dropout_between_layers_and_eval_determinism():
+    m = fusedrnn.LayerNormGRU(I, H, num_layers=2, dropout=0.5)
+    x = torch.randn(T, B, I)
+    m.eval()
+    assert torch.equal(m(x)[0], m(x)[0])
+    m.train()
+    torch.manual_seed(5)
+    a = m(x)[0]
+    torch.manual_seed(5)
+    b = m(x)[0]
+    assert torch.equal(a, b)
+    m.dropout = 0.0
+    assert not torch.equal(a, m(x)[0])
+
+
+# ----------------------------------------------------------------------------- torch.compile
+def test_compile_fullgraph_one_op_per_layer():
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    fw, bw = [], []
+    backend = aot_autograd(fw_compiler=lambda gm, _: (fw.append(gm), make_boxed_func(gm.forward))[1],
+                           bw_compiler=lambda gm, _: (bw.append(gm), make_boxed_func(gm.forward))[1])
+
+    def count(graphs, name):
+        return sum(1 for g in graphs for n in g.graph.nodes if n.op == "call_function" and name in str(n.target))
+
+    torch._dynamo.reset()
+    try:
+        m = _make("LSTM", num_layers=2, bidirectional=True)
+        cell = fusedrnn.LayerNormGRUCell(2 * H, H, dtype=torch.float64)
+
+        def f(x):
+            y, (h, c) = m(x)
+            return y, h, c, cell(y[-1])
+
+        x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+        got = torch.compile(f, backend=backend, fullgraph=True)(x)
+        ref = f(x)
+        for g, r in zip(got, ref):
+            assert_close_rel(g, r, 1e-12, "compiled")
+        sum(o.sum() for o in got).backward()
+        assert count(fw, "fusedrnn.ln_layer.") == 3
+        assert count(bw, "fusedrnn.ln_layer_backward.") == 3
+    finally:
+        torch._dynamo.reset()
