@@ -154,50 +154,47 @@ def stats_width(mode):
     return 4 if mode == "LSTM" else 2
 
 
-def _step_index(lengths, T, B, s, reverse, device):
-    """(index into (D, T, B, ...) buffers after d, index into y's (T, B) dims, live mask or None).
-    Without lengths every row is at the same time index: plain slicing, no gather."""
-    if lengths is None:
-        tt = T - 1 - s if reverse else s
-        return (tt,), (tt, slice(None)), None
-    s_t = torch.full((B,), s, dtype=torch.long, device=device)
-    alive = s_t < lengths
-    # dead rows (s >= length) point at the padded position t = s, which no live step touches
-    t = torch.where(alive, lengths - 1 - s_t, s_t) if reverse else s_t
-    rows = torch.arange(B, device=device)
-    return (t, rows), (t, rows), alive[:, None]
+def _to_steps(lengths, T, reverse):
+    """How a direction's steps map to time: None (step s is time s), "flip" (time T-1-s for every
+    row) or a (T, B) index that reverses each row within its length (its own inverse: dead rows
+    map to themselves)."""
+    if not reverse:
+        return None
+    return "flip" if lengths is None else reference.reverse_index(lengths, T)
+
+
+def _reorder(a, order):
+    """a (T, B, ...) between time order and step order (the map is an involution)."""
+    if order is None:
+        return a
+    if isinstance(order, str):
+        return a.flip(0)
+    return a.gather(0, order.view(*order.shape, *([1] * (a.dim() - 2))).expand_as(a))
 
 
 def scan_forward(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save):
+    """The step loop works in step order: per direction, the inputs are reordered once (reverse
+    direction), the per-step results are kept in lists and stacked (and reordered) once at the
+    end: no indexing inside the loop."""
     D, T, B, GH = xg.shape
     H = w_hh.shape[2]
     lstm = mode == "LSTM"
     dt, dev = h0.dtype, xg.device
     wdt = work_dtype(dt)
-    y = torch.empty(T, B, D * H, dtype=dt, device=dev)
-    hn = torch.empty(D, B, H, dtype=dt, device=dev)
-    cn = torch.empty(D, B, H, dtype=dt, device=dev) if lstm else h0.new_empty(0)
-    S = stats_width(mode)
-    if save:
-        hp = torch.empty(D, T, B, H, dtype=wdt, device=dev)
-        hw = torch.empty(D, T, B, GH, dtype=wdt, device=dev)
-        stats = torch.empty(D, T, B, S, dtype=wdt, device=dev)
-        gates = torch.empty(D, T, B, 4 * H, dtype=wdt, device=dev)
-        cs = torch.empty(D, T, B, H if lstm else 0, dtype=wdt, device=dev)
-    else:
-        hp, hw, stats, gates, cs = (h0.new_empty(0, dtype=wdt) for _ in range(5))
+    alive = None if lengths is None else (torch.arange(T, device=dev)[:, None] < lengths[None, :]).unsqueeze(-1)
+    ys, hns, cns, ws = [], [], [], []
     for d in range(D):
+        order = _to_steps(lengths, T, d == 1)
+        xs = _reorder(xg[d], order).to(wdt).unbind(0)
         h = h0[d].to(wdt)
         c = c0[d].to(wdt) if lstm else None
         w_t = w_hh[d].to(wdt).t()
         gh = g_h[d].to(wdt)
         bh = b_h[d].to(wdt) if b_h is not None else None
         gc, bc = (g_c[d].to(wdt), b_c[d].to(wdt)) if lstm else (None, None)
-        ysl = slice(d * H, (d + 1) * H)
+        y_s, hp_s, hw_s, st_s, sv_s, cs_s = [], [], [], [], [], []
         for s in range(T):
-            idx, yidx, a = _step_index(lengths, T, B, s, d == 1, dev)
-            idx = (d,) + idx
-            xt = xg[idx].to(wdt)
+            xt = xs[s]
             hw_t = h @ w_t
             hh, mu_h, r_h = torch.native_layer_norm(hw_t, (GH,), gh, bh, EPS)
             if lstm:
@@ -208,99 +205,115 @@ def scan_forward(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save):
                 c_new = torch.addcmul(f * c, i, g)
                 cnorm, mu_c, r_c = torch.native_layer_norm(c_new, (H,), gc, bc, EPS)
                 h_new = o * torch.tanh(cnorm)
+                stats = (mu_h, r_h, mu_c, r_c)
             else:
                 rz = torch.sigmoid(xt[:, :2 * H] + hh[:, :2 * H])
                 r, z = rz[:, :H], rz[:, H:]
                 hh_n = hh[:, 2 * H:]
                 n = torch.tanh(torch.addcmul(xt[:, 2 * H:], r, hh_n))
                 h_new = torch.addcmul(n, z, h - n)
+                sv = torch.cat([rz, n, hh_n], dim=-1)
+                stats = (mu_h, r_h)
             if save:
-                hp[idx] = h
-                hw[idx] = hw_t
+                hp_s.append(h)
+                hw_s.append(hw_t)
+                st_s.append(torch.cat(stats, dim=-1))
+                sv_s.append(sv)
                 if lstm:
-                    stats[idx] = torch.cat([mu_h, r_h, mu_c, r_c], dim=-1)
-                    gates[idx] = sv
-                    cs[idx] = c
-                else:
-                    stats[idx] = torch.cat([mu_h, r_h], dim=-1)
-                    gates[idx] = torch.cat([rz, n, hh_n], dim=-1)
-            if a is None:
-                y[yidx + (ysl,)] = h_new.to(dt)
+                    cs_s.append(c)
+            if alive is None:
+                y_s.append(h_new)
                 h = h_new
                 if lstm:
                     c = c_new
             else:
-                y[yidx + (ysl,)] = torch.where(a, h_new, 0).to(dt)
+                a = alive[s]
+                y_s.append(torch.where(a, h_new, 0))
                 h = torch.where(a, h_new, h)
                 if lstm:
                     c = torch.where(a, c_new, c)
-        hn[d] = h.to(dt)
+        ys.append(_reorder(torch.stack(y_s), order).to(dt))
+        hns.append(h.to(dt))
         if lstm:
-            cn[d] = c.to(dt)
+            cns.append(c.to(dt))
+        if save:
+            ws.append([_reorder(torch.stack(v), order) for v in (hp_s, hw_s, st_s, sv_s)]
+                      + [_reorder(torch.stack(cs_s), order) if lstm else xg.new_empty(T, B, 0, dtype=wdt)])
+    y = torch.cat(ys, dim=-1)
+    hn = torch.stack(hns)
+    cn = torch.stack(cns) if lstm else h0.new_empty(0)
+    if save:
+        hp, hw, stats, gates, cs = (torch.stack([w[k] for w in ws]) for k in range(5))
+    else:
+        hp, hw, stats, gates, cs = (h0.new_empty(0, dtype=wdt) for _ in range(5))
     return y, hn, cn, hp, hw, stats, gates, cs
 
 
 def scan_backward(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp, hw, stats, gates, cs):
+    """Reverse step loop in step order (see scan_forward). LN(c)'s statistics are recomputed by
+    one fused native_layer_norm per step (they equal the saved ones up to rounding)."""
     D, T, B, H = hp.shape
     GH = w_hh.shape[1]
     lstm = mode == "LSTM"
     wdt, dev = hp.dtype, hp.device
-    dxg = torch.empty(D, T, B, GH, dtype=wdt, device=dev)
-    dhw = torch.empty(D, T, B, GH, dtype=wdt, device=dev)
-    dh0 = torch.empty(D, B, H, dtype=wdt, device=dev)
-    dc0 = torch.empty(D, B, H, dtype=wdt, device=dev) if lstm else hp.new_empty(0)
+    alive = None if lengths is None else (torch.arange(T, device=dev)[:, None] < lengths[None, :]).unsqueeze(-1)
+    dxgs, dhws, dh0s, dc0s = [], [], [], []
     dg_h = torch.zeros(D, 1, GH, dtype=wdt, device=dev)
     db_h = torch.zeros(D, 1, GH, dtype=wdt, device=dev) if not lstm and b_h is not None else hp.new_empty(0)
     dg_c = torch.zeros(D, 1, H, dtype=wdt, device=dev) if lstm else hp.new_empty(0)
     db_c = torch.zeros(D, 1, H, dtype=wdt, device=dev) if lstm else hp.new_empty(0)
     for d in range(D):
+        order = _to_steps(lengths, T, d == 1)
         whh = w_hh[d].to(wdt)
         gh = g_h[d].to(wdt)
         bh = b_h[d].to(wdt) if b_h is not None and not lstm else None
         gc, bc = (g_c[d].to(wdt), b_c[d].to(wdt)) if lstm else (None, None)
+        dys = _reorder(dy[:, :, d * H:(d + 1) * H], order).to(wdt)
+        if alive is not None:
+            dys = torch.where(alive, dys, 0)
+        dys = dys.unbind(0)
+        hw_s = _reorder(hw[d], order).unbind(0)
+        st = _reorder(stats[d], order)
+        mu_s, r_s = st[..., 0:1].contiguous().unbind(0), st[..., 1:2].contiguous().unbind(0)
+        sv_s = _reorder(gates[d], order).unbind(0)
+        other_s = _reorder(cs[d] if lstm else hp[d], order).unbind(0)
         dh = dhn[d].to(wdt)
         dc = dcn[d].to(wdt) if lstm else None
-        ysl = slice(d * H, (d + 1) * H)
+        dxg_s, dhw_s = [None] * T, [None] * T
         for s in reversed(range(T)):
-            idx, yidx, a = _step_index(lengths, T, B, s, d == 1, dev)
-            idx = (d,) + idx
-            dy_t = dy[yidx + (ysl,)].to(wdt)
-            if a is None:
-                dh_t = dh + dy_t
-                dhl = dh_t
-            else:
-                dh_t = dh + torch.where(a, dy_t, 0)
-                dhl = torch.where(a, dh_t, 0)
-            st = stats[idx]
+            a = None if alive is None else alive[s]
+            dh_t = dh + dys[s]
+            dhl = dh_t if a is None else torch.where(a, dh_t, 0)
+            sv = sv_s[s]
             if lstm:
-                sv = gates[idx]
                 i, f, g, o = sv.chunk(4, dim=-1)
-                c_prev = cs[idx]
+                c_prev = other_s[s]
                 c_new = torch.addcmul(f * c_prev, i, g)
-                mu_c, r_c = st[:, 2:3].contiguous(), st[:, 3:4].contiguous()
-                tc = torch.tanh(torch.addcmul(bc, (c_new - mu_c) * r_c, gc))
+                cnorm, mu_c, r_c = torch.native_layer_norm(c_new, (H,), gc, bc, EPS)
+                tc = torch.tanh(cnorm)
                 dcnorm = dhl * o * (1 - tc * tc)
                 dcnew, dgc, dbc = _ln_bwd(dcnorm, c_new, (H,), mu_c, r_c, gc, bc, [True, True, True])
                 dg_c[d, 0] += dgc
                 db_c[d, 0] += dbc
                 dc_t = dc + dcnew
-                dpre = torch.cat([dc_t * g * i * (1 - i), dc_t * c_prev * f * (1 - f),
-                                  dc_t * i * (1 - g * g), dhl * tc * o * (1 - o)], dim=-1)
+                # activation derivatives of i, f, g, o in one tensor, then the four products
+                dact = sv * (1 - sv)
+                dact[:, 2 * H:3 * H] = 1 - g * g
+                dpre = torch.cat([dc_t * g, dc_t * c_prev, dc_t * i, dhl * tc], dim=-1) * dact
                 if a is not None:
                     dpre = torch.where(a, dpre, 0)
                 dhh = dpre
             else:
-                r, z, n, hh_n = gates[idx].chunk(4, dim=-1)
-                h_prev = hp[idx]
+                r, z, n, hh_n = sv.chunk(4, dim=-1)
+                h_prev = other_s[s]
                 dn = dhl * (1 - z) * (1 - n * n)
                 dz = dhl * (h_prev - n) * z * (1 - z)
                 dr = dn * hh_n * r * (1 - r)
                 dpre = torch.cat([dr, dz, dn], dim=-1)
                 dhh = torch.cat([dr, dz, dn * r], dim=-1)
-            dxg[idx] = dpre
-            dhw_t, dgh, dbh = _ln_bwd(dhh, hw[idx], (GH,), st[:, 0:1].contiguous(), st[:, 1:2].contiguous(), gh, bh,
-                                      [True, True, bh is not None])
-            dhw[idx] = dhw_t
+            dxg_s[s] = dpre
+            dhw_t, dgh, dbh = _ln_bwd(dhh, hw_s[s], (GH,), mu_s[s], r_s[s], gh, bh, [True, True, bh is not None])
+            dhw_s[s] = dhw_t
             dg_h[d, 0] += dgh
             if bh is not None:
                 db_h[d, 0] += dbh
@@ -315,10 +328,13 @@ def scan_backward(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp, hw,
                 dh = torch.where(a, dh_prev, dh_t)
                 if lstm:
                     dc = torch.where(a, dc_t * f, dc)
-        dh0[d] = dh
+        dxgs.append(_reorder(torch.stack(dxg_s), order))
+        dhws.append(_reorder(torch.stack(dhw_s), order))
+        dh0s.append(dh)
         if lstm:
-            dc0[d] = dc
-    return dxg, dhw, dh0, dc0, dg_h, db_h, dg_c, db_c
+            dc0s.append(dc)
+    return (torch.stack(dxgs), torch.stack(dhws), torch.stack(dh0s), torch.stack(dc0s) if lstm else hp.new_empty(0),
+            dg_h, db_h, dg_c, db_c)
 
 
 # ================================================================================ the custom ops
@@ -364,11 +380,11 @@ def _scan(kernel, allow_tf32, mode, x, w_hh):
 
 
 def _input_side(x, w_ih):
-    """x W_ih^T for every direction: (D, T*B, GH) in the work dtype."""
+    """x W_ih^T for every direction: (D, T*B, GH) in the work dtype. One mm per direction (a bmm
+    over an expanded x and transposed weights took 5-10x longer on CPU)."""
     T, B, I = x.shape
-    D = w_ih.shape[0]
-    xw = torch.bmm(x.reshape(1, T * B, I).expand(D, T * B, I), w_ih.transpose(1, 2))
-    return xw.to(work_dtype(x.dtype))
+    x2 = x.reshape(T * B, I)
+    return torch.stack([x2 @ w_ih[d].t() for d in range(w_ih.shape[0])]).to(work_dtype(x.dtype))
 
 
 def _vec(t, d, wdt):
@@ -441,9 +457,11 @@ def ln_layer_backward(dy: Tensor, dhn: Tensor, dcn: Optional[Tensor], x: Tensor,
         dbx.append(db_d)
     dxw = torch.stack(dxw)
     empty = lambda: x.new_empty(0)  # noqa: E731 (a fresh one each: op outputs may not alias)
-    dx = torch.bmm(dxw, w_ih).sum(0).view(T, B, I)
-    dw_ih = torch.bmm(dxw.transpose(1, 2), x.reshape(1, T * B, I).expand(D, T * B, I))
-    dw_hh = torch.bmm(dhw.reshape(D, T * B, GH).transpose(1, 2).to(dt), hp.reshape(D, T * B, H).to(dt))
+    x2 = x.reshape(T * B, I)
+    dx = sum(dxw[d] @ w_ih[d] for d in range(D)).view(T, B, I)
+    dw_ih = torch.stack([dxw[d].t() @ x2 for d in range(D)])
+    dhw, hp = dhw.to(dt), hp.to(dt)
+    dw_hh = torch.stack([dhw[d].reshape(T * B, GH).t() @ hp[d].reshape(T * B, H) for d in range(D)])
     return (dx, dw_ih, dw_hh,
             torch.stack(dbx).to(dt) if b_x is not None else empty(),
             db_h.sum(1).to(dt) if b_h is not None else empty(),
