@@ -12,6 +12,8 @@ Shape legend:
     dghbuf (2, D, B, GH)  ping-pong: hidden-side pre-activation gradients of the last step
     carry  (2, D, B, P)   ping-pong: the part of dh_{t-1} that does not go through W_hh
     sync   (D + 1,) int32 grid barrier: arrive counter per direction, then the error flag
+    reset  (D, T, B) bool     variants (issue 12): restart from h0 / c0 at time t, per direction
+    zm     (D, T, B, P) bool  zoneout's training mask (True keeps h_{t-1}); zp (1,) its eval p
 """
 import triton
 import triton.language as tl
@@ -256,3 +258,43 @@ def step_barrier(p_sync, pid_d, D, n_prog, n_sync, ok, GRID_SYNC: tl.constexpr, 
                 ok = ok * 0
         tl.debug_barrier()
     return ok
+
+
+@triton.jit
+def restart_rows(p_reset, pid_d, t, live, offs_b, T, B):
+    """(BLOCK_B,) bool: the live rows that restart from h0 / c0 before their step at time t
+    (reset: (D, T, B) bool, per direction and indexed by time; fusedrnn/reference.py)."""
+    r = tl.load(p_reset + (pid_d * T + t) * B + offs_b, mask=live, other=0)
+    return (r != 0) & live
+
+
+@triton.jit
+def zoneout_weight(p_zm, p_zp, pid_d, t, offs_b, offs_j, mask_jb, T, B, P, ZONEOUT: tl.constexpr,
+                   CDT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr):
+    """z (BLOCK_H, BLOCK_B): the weight of h_{t-1} in h_t = z h_{t-1} + (1 - z) h~_t. ZONEOUT 2: the
+    training mask zm (D, T, B, P) bool at each row's time (0 or 1, so the blend is exact); 1: the
+    eval probability, one value at p_zp."""
+    if ZONEOUT == 2:
+        p = p_zm + ((pid_d * T + t[None, :]) * B + offs_b[None, :]) * P + offs_j[:, None]
+        z = tl.load(p, mask=mask_jb, other=0).to(CDT)
+    else:
+        z = tl.zeros((BLOCK_H, BLOCK_B), dtype=CDT) + tl.load(p_zp).to(CDT)
+    return z
+
+
+@triton.jit
+def divert_restart(dh, s, pid_d, offs_b, mask_b, mask_ub, o_state, T, B, p_len, p_reset, p_acc,
+                   HAS_LEN: tl.constexpr):
+    """dh: the gradient reaching the state that entered step s + 1 (a (BLOCK_U, BLOCK_B) tile at
+    o_state of a (B, ·) layout). Rows that restarted at step s + 1 took h0 / c0 there, not the
+    state after step s: their gradient is added to the accumulator of dh0 / dc0 (p_acc: this
+    direction's (B, ·) block) and nothing continues to step s. Each accumulator element belongs to
+    one program, which reads and writes it (no atomics)."""
+    if s + 1 < T:
+        t1, live1 = row_time(s + 1, T, offs_b, mask_b, p_len, pid_d == 1, HAS_LEN)
+        rst = restart_rows(p_reset, pid_d, t1, live1, offs_b, T, B)[None, :]
+        p_a = p_acc + o_state
+        acc = tl.load(p_a, mask=mask_ub & rst, other=0.0)
+        tl.store(p_a, acc + dh, mask=mask_ub & rst)
+        dh = tl.where(rst, 0.0, dh)
+    return dh

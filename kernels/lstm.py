@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .activations import sigmoid, tanh
-from .common import bwd_dh_carry, mdot, row_time, wload
+from .common import bwd_dh_carry, divert_restart, mdot, row_time, wload
 
 
 @triton.jit
@@ -86,12 +86,14 @@ def lstm_proj_fwd_step(
 @triton.jit
 def lstm_proj_bwd_step(
     s, pid_d, pid_b, pid_p, T, B, H, P, D,
-    p_dy, p_dhn, p_whh, p_len, p_dghbuf, p_carry, p_dhtot, p_dhp, p_dh0,
-    HAS_LEN: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREC: tl.constexpr, CACHE: tl.constexpr,
+    p_dy, p_dhn, p_whh, p_len, p_dghbuf, p_carry, p_dhtot, p_dhp, p_dh0, p_reset, p_dh0acc,
+    HAS_LEN: tl.constexpr, RESET: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_K: tl.constexpr, PREC: tl.constexpr, CACHE: tl.constexpr,
 ):
     """Total gradient reaching the projected state h_t (P units): carried + dy. Writes it for the
-    cell kernel (which multiplies by W_hr) and as dhp; at s = -1 it is dh0."""
+    cell kernel (which multiplies by W_hr) and as dhp; at s = -1 it is dh0. RESET: the part
+    carried from a restarted step s + 1 goes to the dh0 accumulator p_dh0acc (D, B, P) instead
+    (kernels/common.py: divert_restart), which dh0 adds at s = -1."""
     CDT = p_dhtot.dtype.element_ty
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -103,6 +105,9 @@ def lstm_proj_bwd_step(
                       p_dhn, p_whh, p_dghbuf, p_carry, None, None, None, None,
                       False, BLOCK_K, PREC, CACHE)
     if s >= 0:
+        if RESET:
+            dh = divert_restart(dh, s, pid_d, offs_b, mask_b, mask_pb, o_state, T, B, p_len, p_reset,
+                                p_dh0acc + pid_d * B * P, HAS_LEN)
         t, live = row_time(s, T, offs_b, mask_b, p_len, pid_d == 1, HAS_LEN)
         live2 = live[None, :]
         p_dyt = p_dy + (t[None, :] * B + offs_b[None, :]) * (D * P) + pid_d * P + offs_p[:, None]
@@ -114,4 +119,6 @@ def lstm_proj_bwd_step(
         # passes its gradient through unchanged.
         tl.store(p_carry + ((s % 2) * D + pid_d) * B * P + o_state, tl.where(live2, 0.0, dh), mask=mask_pb)
     else:
+        if RESET:
+            dh += tl.load(p_dh0acc + pid_d * B * P + o_state, mask=mask_pb, other=0.0)
         tl.store(p_dh0 + pid_d * B * P + o_state, dh.to(p_dh0.dtype.element_ty), mask=mask_pb)

@@ -19,7 +19,18 @@ step_barrier separates the steps. Ping-pong buffers (not in-place state) because
 or other warps of this one, may still read slot s%2 while this step writes.
 
 Absent tensors are passed as None; @triton.heuristics turns them into the constexpr flags
-(HAS_BIAS, HAS_LEN, HAS_PROJ, SAVE, GRID_SYNC), and G follows from MODE. Arguments that change from
+(HAS_BIAS, HAS_LEN, HAS_PROJ, SAVE, GRID_SYNC, and the variants' ZONEOUT, RESET), and G follows
+from MODE.
+
+Variants (issue 12; fusedrnn/reference.py defines them), pointwise additions:
+    ZONEOUT (2: mask zm (D, T, B, P) bool, training; 1: eval probability zp (1,); 0: off)
+        forward h_t = z h_{t-1} + (1 - z) h~_t (y and the carried state); backward: (1 - z) dh
+        enters the cell, z dh joins the direct term that reaches h_{t-1} (the carry).
+    RESET (reset (D, T, B) bool): where set, h0 / c0 replace h_prev / c_prev (the dot operand
+        too) before the step, and hp / cs save them. Backward: the gradient reaching the state
+        that entered a restarted step goes to dh0acc / dc0acc (D, B, P) / (D, B, H) (work dtype,
+        zeroed; each element has one owning program, so no atomics) instead of the carry, and
+        dh0 / dc0 = the carry through step 0 + the accumulators. Arguments that change from
 launch to launch (the step range) are do_not_specialize: otherwise the JIT would compile, and
 choose per launch among, separate binaries for a bound equal to 1 or divisible by 16.
 """
@@ -29,9 +40,9 @@ import triton.language as tl
 
 from fusedrnn.spec import GATES, MODES, TRITON_KERNELS, check_choice, saved_widths, work_dtype
 
-from .common import (MAX_SPIN, bwd_dh_carry, dot_gates, load_gate_weights, load_gates, mdot, row_time,
-                     step_barrier, store_gate_grads, store_gates, store_live_gates, stream_dot_gates, unit_tile,
-                     wload)
+from .common import (MAX_SPIN, bwd_dh_carry, divert_restart, dot_gates, load_gate_weights, load_gates, mdot, restart_rows,
+                     row_time, step_barrier, store_gate_grads, store_gates, store_live_gates, stream_dot_gates,
+                     unit_tile, wload, zoneout_weight)
 from .gru import gru_bwd, gru_fwd
 from .launch import Launch, check_float, check_tensor, new, resolve, run
 from .lstm import lstm_bwd, lstm_fwd, lstm_proj_bwd_step, lstm_proj_fwd_step
@@ -47,28 +58,34 @@ def _given(name):
     return lambda args: args[name] is not None
 
 
+def _zoneout(args):
+    return 2 if args["p_zm"] is not None else (1 if args["p_zp"] is not None else 0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
 
 @triton.heuristics({"G": _gates, "HAS_BIAS": _given("p_bhh"), "HAS_LEN": _given("p_len"),
-                    "HAS_PROJ": _given("p_whr"), "SAVE": _given("p_hp"), "GRID_SYNC": _given("p_sync")})
+                    "HAS_PROJ": _given("p_whr"), "SAVE": _given("p_hp"), "GRID_SYNC": _given("p_sync"),
+                    "ZONEOUT": _zoneout, "RESET": _given("p_reset")})
 @triton.jit(do_not_specialize=["s_begin", "s_end"])
 def scan_fwd_kernel(
-    p_xg, p_whh, p_bhh, p_whr, p_h0, p_c0, p_len,
+    p_xg, p_whh, p_bhh, p_whr, p_h0, p_c0, p_len, p_zm, p_zp, p_reset,
     p_y, p_hn, p_cn, p_hp, p_gates, p_cs,
     p_hst, p_cst, p_hraw, p_sync,
     s_begin, s_end, T, B, H, P, D,
     MODE: tl.constexpr, PERSISTENT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
     G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, HAS_PROJ: tl.constexpr,
-    SAVE: tl.constexpr, GRID_SYNC: tl.constexpr,
+    SAVE: tl.constexpr, GRID_SYNC: tl.constexpr, ZONEOUT: tl.constexpr, RESET: tl.constexpr,
 ):
     """Forward steps s_begin .. s_end - 1 of every direction (grid axis 0), for BLOCK_B rows (axis
     1) and all gates of BLOCK_H hidden units (axis 2), so the cell update needs no exchange."""
     tl.static_assert(BLOCK_B >= 16 and BLOCK_H >= 16 and BLOCK_K >= 16, "tl.dot needs tiles >= 16")
     tl.static_assert(G == 4 or not HAS_PROJ, "the projection is LSTM-only")
     tl.static_assert(PERSISTENT or not GRID_SYNC, "the grid barrier belongs to the persistent kernel")
+    tl.static_assert(ZONEOUT == 0 or not HAS_PROJ, "zoneout of a projected state is not implemented")
     CDT = p_hst.dtype.element_ty
     # Exchanged state must bypass L1 when other SMs write it (GRID_SYNC).
     CACHE: tl.constexpr = ".cg" if GRID_SYNC else ""
@@ -97,6 +114,8 @@ def scan_fwd_kernel(
     for s in range(s_begin, s_end):
         t, live = row_time(s, T, offs_b, mask_b, p_len, pid_d == 1, HAS_LEN)
         live2 = live[None, :]
+        if RESET:
+            rst2 = restart_rows(p_reset, pid_d, t, live, offs_b, T, B)[None, :]
         cur = s % 2
         p_hcur = p_hst + (cur * D + pid_d) * B * P
         p_hnxt = p_hst + ((1 - cur) * D + pid_d) * B * P
@@ -115,6 +134,9 @@ def scan_fwd_kernel(
                 b_h = tl.load(p_h0 + pid_d * B * P + o_h, mask=mask_kb, other=0.0).to(CDT)
             else:
                 b_h = tl.load(p_hcur + o_h, mask=mask_kb, other=0.0, cache_modifier=CACHE)
+                if RESET:
+                    b_h0 = tl.load(p_h0 + pid_d * B * P + o_h, mask=mask_kb & rst2, other=0.0).to(CDT)
+                    b_h = tl.where(rst2, b_h0, b_h)
             if SAVE:
                 # hp (state entering each step) is written once, by the programs of hidden tile 0.
                 p_hpt = p_hp + ((pid_d * T + t[None, :]) * B + offs_b[None, :]) * P + kk[:, None]
@@ -142,6 +164,9 @@ def scan_fwd_kernel(
             h_prev = tl.load(p_h0 + pid_d * B * P + o_own, mask=mask_jb, other=0.0).to(CDT)
         else:
             h_prev = tl.load(p_hcur + o_own, mask=mask_jb, other=0.0, cache_modifier=CACHE)
+            if RESET:
+                h_init = tl.load(p_h0 + pid_d * B * P + o_own, mask=mask_jb & rst2, other=0.0).to(CDT)
+                h_prev = tl.where(rst2, h_init, h_prev)
 
         if SAVE:
             p_sv = p_gates + ((pid_d * T + t[None, :]) * B + offs_b[None, :]) * W + offs_j[:, None]
@@ -151,6 +176,9 @@ def scan_fwd_kernel(
                 c_prev = tl.load(p_c0 + pid_d * B * H + o_c, mask=mask_jb, other=0.0).to(CDT)
             else:
                 c_prev = tl.load(p_cst + (cur * D + pid_d) * B * H + o_c, mask=mask_jb, other=0.0)
+                if RESET:
+                    c_init = tl.load(p_c0 + pid_d * B * H + o_c, mask=mask_jb & rst2, other=0.0).to(CDT)
+                    c_prev = tl.where(rst2, c_init, c_prev)
             h_new, c_new, s_0, s_1, s_2, s_3 = lstm_fwd(x_0, x_1, x_2, x_3, acc_0, acc_1, acc_2, acc_3,
                                                         c_prev)
             c_keep = tl.where(live2, c_new, c_prev)
@@ -168,6 +196,11 @@ def scan_fwd_kernel(
             s_0, s_1, s_2, s_3 = h_new, h_new, h_new, h_new
         if SAVE:
             store_gates(p_sv, H, mask_jb, NW, s_0, s_1, s_2, s_3)
+        if ZONEOUT > 0:
+            # (after the save: RNN's backward needs the cell's own h~)
+            z = zoneout_weight(p_zm, p_zp, pid_d, t, offs_b, offs_j, mask_jb, T, B, P, ZONEOUT, CDT,
+                               BLOCK_H, BLOCK_B)
+            h_new = z * h_prev + (1.0 - z) * h_new
 
         if HAS_PROJ:
             # o * tanh(c) of these units; the projection needs all H of them (next launch, or
@@ -193,22 +226,24 @@ def scan_fwd_kernel(
 
 
 @triton.heuristics({"G": _gates, "HAS_LEN": _given("p_len"), "HAS_PROJ": _given("p_whr"),
-                    "GRID_SYNC": _given("p_sync")})
+                    "GRID_SYNC": _given("p_sync"), "ZONEOUT": _zoneout, "RESET": _given("p_reset")})
 @triton.jit(do_not_specialize=["i_begin", "i_end"])
 def scan_bwd_kernel(
-    p_dy, p_dhn, p_dcn, p_whh, p_whr, p_len, p_hp, p_gates, p_cs,
+    p_dy, p_dhn, p_dcn, p_whh, p_whr, p_len, p_hp, p_gates, p_cs, p_zm, p_zp, p_reset,
     p_dxg, p_dgh, p_dh0, p_dc0, p_dhp,
-    p_dghbuf, p_carry, p_dcst, p_dhtot, p_sync,
+    p_dghbuf, p_carry, p_dcst, p_dhtot, p_dh0acc, p_dc0acc, p_sync,
     i_begin, i_end, T, B, H, P, D,
     MODE: tl.constexpr, PERSISTENT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
     G: tl.constexpr, HAS_LEN: tl.constexpr, HAS_PROJ: tl.constexpr, GRID_SYNC: tl.constexpr,
+    ZONEOUT: tl.constexpr, RESET: tl.constexpr,
 ):
     """Backward iterations i_begin .. i_end - 1; iteration i handles step s = T - 1 - i and the
     last one (s = -1) only forms dh0. Tiles as in scan_fwd_kernel."""
     tl.static_assert(BLOCK_B >= 16 and BLOCK_H >= 16 and BLOCK_K >= 16, "tl.dot needs tiles >= 16")
     tl.static_assert(G == 4 or not HAS_PROJ, "the projection is LSTM-only")
     tl.static_assert(PERSISTENT or not GRID_SYNC, "the grid barrier belongs to the persistent kernel")
+    tl.static_assert(ZONEOUT == 0 or not HAS_PROJ, "zoneout of a projected state is not implemented")
     CDT = p_hp.dtype.element_ty
     CACHE: tl.constexpr = ".cg" if GRID_SYNC else ""
     NW: tl.constexpr = 4 if G > 1 else 1
@@ -247,7 +282,8 @@ def scan_bwd_kernel(
                     # BLOCK_K >= P: program (pid_b, 0) forms dh for all P units of its rows.
                     lstm_proj_bwd_step(s, pid_d, pid_b, pid_h, T, B, H, P, D,
                                        p_dy, p_dhn, p_whh, p_len, p_dghbuf, p_carry, p_dhtot, p_dhp, p_dh0,
-                                       HAS_LEN, BLOCK_B, BLOCK_K, BLOCK_H, PREC, CACHE)
+                                       p_reset, p_dh0acc,
+                                       HAS_LEN, RESET, BLOCK_B, BLOCK_K, BLOCK_H, PREC, CACHE)
                     n_sync += 1
                     ok = step_barrier(p_sync, pid_d, D, n_prog, n_sync, ok, GRID_SYNC, MAX_SPIN)
                 p_r = p_whr + pid_d * P * H
@@ -265,9 +301,18 @@ def scan_bwd_kernel(
                 dh = bwd_dh_carry(s, pid_d, offs_j, mask_j, offs_b, mask_b, T, B, H, P, D, G,
                                   p_dhn, p_whh, p_dghbuf, p_carry, w_0, w_1, w_2, w_3,
                                   HOIST, BLOCK_K, PREC, CACHE)
+                if RESET:
+                    dh = divert_restart(dh, s, pid_d, offs_b, mask_b, mask_jb, o_own, T, B, p_len, p_reset,
+                                        p_dh0acc + pid_d * B * P, HAS_LEN)
                 p_dyt = p_dy + (t[None, :] * B + offs_b[None, :]) * (D * P) + pid_d * P + offs_j[:, None]
                 dh += tl.load(p_dyt, mask=mask_jb & live2, other=0.0).to(CDT)
 
+            # dh_tot: the whole gradient of h_t; zoneout lets (1 - z) of it into the cell
+            dh_tot = dh
+            if ZONEOUT > 0:
+                z = zoneout_weight(p_zm, p_zp, pid_d, t, offs_b, offs_j, mask_jb, T, B, P, ZONEOUT, CDT,
+                                   BLOCK_H, BLOCK_B)
+                dh = (1.0 - z) * dh_tot
             p_sv = p_gates + ((pid_d * T + t[None, :]) * B + offs_b[None, :]) * W + offs_j[:, None]
             sv_0, sv_1, sv_2, sv_3 = load_gates(p_sv, H, mask_jb, NW, CDT)
             # d_g: input-side pre-activation gradients (dxg); e_g: hidden-side ones (dgh), which
@@ -280,9 +325,18 @@ def scan_bwd_kernel(
                 p_cst_t = p_cs + ((pid_d * T + t[None, :]) * B + offs_b[None, :]) * H + offs_j[:, None]
                 c_prev = tl.load(p_cst_t, mask=mask_jb, other=0.0)
                 d_0, d_1, d_2, d_3, dc_prev = lstm_bwd(dh, dc, sv_0, sv_1, sv_2, sv_3, c_prev)
+                if RESET:
+                    # a restarted step took c0: its dc_prev belongs to dc0
+                    rst2 = restart_rows(p_reset, pid_d, t, live, offs_b, T, B)[None, :]
+                    p_ca = p_dc0acc + pid_d * B * H + o_c
+                    acc_c = tl.load(p_ca, mask=mask_jb, other=0.0) + tl.where(rst2, dc_prev, 0.0)
+                    tl.store(p_ca, acc_c, mask=mask_jb & rst2)
+                    dc_prev = tl.where(rst2, 0.0, dc_prev)
                 dc_keep = tl.where(live2, dc_prev, dc)
                 tl.store(p_dcst + ((s % 2) * D + pid_d) * B * H + o_c, dc_keep, mask=mask_jb)
                 if s == 0:
+                    if RESET:
+                        dc_keep += acc_c
                     tl.store(p_dc0 + pid_d * B * H + o_c, dc_keep.to(p_dc0.dtype.element_ty), mask=mask_jb)
                 e_0, e_1, e_2, e_3 = d_0, d_1, d_2, d_3
                 direct = tl.zeros((BLOCK_H, BLOCK_B), dtype=CDT)
@@ -307,18 +361,23 @@ def scan_bwd_kernel(
                 p_dg = p_dgh + ((pid_d * T + t[None, :]) * B + offs_b[None, :]) * GH + offs_j[:, None]
                 store_live_gates(p_dg, H, mask_jb, live2, G, d_0, d_1, e_2, e_3)
             if not HAS_PROJ:
-                tl.store(p_carry + ((s % 2) * D + pid_d) * B * P + o_own, tl.where(live2, direct, dh),
+                if ZONEOUT > 0:
+                    direct += z * dh_tot
+                tl.store(p_carry + ((s % 2) * D + pid_d) * B * P + o_own, tl.where(live2, direct, dh_tot),
                          mask=mask_jb)
         else:
             if HAS_PROJ:
                 if PERSISTENT:
                     lstm_proj_bwd_step(s, pid_d, pid_b, pid_h, T, B, H, P, D,
                                        p_dy, p_dhn, p_whh, p_len, p_dghbuf, p_carry, p_dhtot, p_dhp, p_dh0,
-                                       HAS_LEN, BLOCK_B, BLOCK_K, BLOCK_H, PREC, CACHE)
+                                       p_reset, p_dh0acc,
+                                       HAS_LEN, RESET, BLOCK_B, BLOCK_K, BLOCK_H, PREC, CACHE)
             else:
                 dh = bwd_dh_carry(s, pid_d, offs_j, mask_j, offs_b, mask_b, T, B, H, P, D, G,
                                   p_dhn, p_whh, p_dghbuf, p_carry, w_0, w_1, w_2, w_3,
                                   HOIST, BLOCK_K, PREC, CACHE)
+                if RESET:
+                    dh += tl.load(p_dh0acc + pid_d * B * P + o_own, mask=mask_jb, other=0.0)
                 tl.store(p_dh0 + pid_d * B * P + o_own, dh.to(p_dh0.dtype.element_ty), mask=mask_jb)
         if PERSISTENT:
             n_sync += 1
@@ -341,19 +400,19 @@ def lstm_proj_fwd_kernel(
                        HAS_LEN, BLOCK_B, BLOCK_P, BLOCK_K, PREC, "")
 
 
-@triton.heuristics({"HAS_LEN": _given("p_len")})
+@triton.heuristics({"HAS_LEN": _given("p_len"), "RESET": _given("p_reset")})
 @triton.jit(do_not_specialize=["s"])
 def lstm_proj_bwd_kernel(
-    p_dy, p_dhn, p_whh, p_len, p_dghbuf, p_carry, p_dhtot, p_dhp, p_dh0,
+    p_dy, p_dhn, p_whh, p_len, p_dghbuf, p_carry, p_dhtot, p_dhp, p_dh0, p_reset, p_dh0acc,
     s, T, B, H, P, D,
     BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
-    HAS_LEN: tl.constexpr,
+    HAS_LEN: tl.constexpr, RESET: tl.constexpr,
 ):
     """Stepwise LSTM projection, backward step s (s = -1: dh0): the total dh over the P units."""
     tl.static_assert(BLOCK_B >= 16 and BLOCK_P >= 16 and BLOCK_K >= 16, "tl.dot needs tiles >= 16")
     lstm_proj_bwd_step(s, tl.program_id(0), tl.program_id(1), tl.program_id(2), T, B, H, P, D,
-                       p_dy, p_dhn, p_whh, p_len, p_dghbuf, p_carry, p_dhtot, p_dhp, p_dh0,
-                       HAS_LEN, BLOCK_B, BLOCK_P, BLOCK_K, PREC, "")
+                       p_dy, p_dhn, p_whh, p_len, p_dghbuf, p_carry, p_dhtot, p_dhp, p_dh0, p_reset, p_dh0acc,
+                       HAS_LEN, RESET, BLOCK_B, BLOCK_P, BLOCK_K, PREC, "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,7 +444,22 @@ def _check_sync(sync, D):
                            "the outputs are invalid. Unset FUSEDRNN_GRID_BARRIER to use single-program plans.")
 
 
-def forward_launches(mode, xg, w_hh, b_hh, w_hr, h0, c0, lengths, save, kernel, allow_tf32):
+def _variant_args(zoneout, zoneout_p, reset, D, T, B, P, wdt, dev, proj):
+    """Check the variants' arguments; the kernels' p_zm, p_zp, p_reset (None when off)."""
+    check_tensor("zoneout", zoneout, (D, T, B, P), torch.bool, dev, optional=True)
+    check_tensor("reset", reset, (D, T, B), torch.bool, dev, optional=True)
+    if not 0 <= zoneout_p < 1:
+        raise ValueError(f"zoneout_p must be in [0, 1), got {zoneout_p}")
+    if proj and (zoneout is not None or zoneout_p > 0):
+        raise ValueError("zoneout with a projection (w_hr) is not implemented")
+    zp = None
+    if zoneout is None and zoneout_p > 0:
+        zp = torch.full((1,), zoneout_p, dtype=wdt, device=dev)
+    return dict(p_zm=zoneout, p_zp=zp, p_reset=reset)
+
+
+def forward_launches(mode, xg, w_hh, b_hh, w_hr, h0, c0, lengths, save, kernel, allow_tf32, zoneout=None,
+                     zoneout_p=0.0, reset=None):
     """Check, allocate, and list the launches of scan_forward. Returns (outputs, launches, sync);
     the launches are a generator, so the stepwise loop builds them one at a time."""
     check_choice(mode, MODES, "mode")
@@ -431,6 +505,7 @@ def forward_launches(mode, xg, w_hh, b_hh, w_hr, h0, c0, lengths, save, kernel, 
     prec = dot_precision(dt, allow_tf32, dev)
     args = dict(
         p_xg=xg, p_whh=w_hh, p_bhh=b_hh, p_whr=w_hr, p_h0=h0, p_c0=c0 if lstm else None, p_len=lengths,
+        **_variant_args(zoneout, zoneout_p, reset, D, T, B, P, wdt, dev, w_hr is not None),
         p_y=y, p_hn=hn, p_cn=cn if lstm else None, p_hp=hp if save else None,
         p_gates=gates if save else None, p_cs=cs if save and lstm else None,
         p_hst=new((2, D, B, P), wdt, dev), p_cst=new((2, D, B, H), wdt, dev) if lstm else None,
@@ -457,7 +532,8 @@ def forward_launches(mode, xg, w_hh, b_hh, w_hr, h0, c0, lengths, save, kernel, 
     return (y, hn, cn, hp, gates, cs), launches(), sync
 
 
-def backward_launches(mode, dy, dhn, dcn, w_hh, w_hr, lengths, hp, gates, cs, kernel, allow_tf32):
+def backward_launches(mode, dy, dhn, dcn, w_hh, w_hr, lengths, hp, gates, cs, kernel, allow_tf32,
+                      zoneout=None, zoneout_p=0.0, reset=None):
     """Check, allocate, and list the launches of scan_backward (see forward_launches)."""
     check_choice(mode, MODES, "mode")
     check_choice(kernel, TRITON_KERNELS, "kernel")
@@ -502,9 +578,14 @@ def backward_launches(mode, dy, dhn, dcn, w_hh, w_hr, lengths, hp, gates, cs, ke
     tiles = _tiles(kernel, mode, D, B, H, P, dt, dev)
     sync = _sync(tiles, D, dev)
     prec = dot_precision(dt, allow_tf32, dev)
+    # the dh0 / dc0 accumulators of the restarts: zeroed, never poisoned
+    dh0acc = torch.zeros((D, B, P), dtype=wdt, device=dev) if reset is not None else None
+    dc0acc = torch.zeros((D, B, H), dtype=wdt, device=dev) if reset is not None and lstm else None
     args = dict(
         p_dy=dy, p_dhn=dhn, p_dcn=dcn if lstm else None, p_whh=w_hh, p_whr=w_hr, p_len=lengths,
         p_hp=hp, p_gates=gates, p_cs=cs if lstm else None,
+        **_variant_args(zoneout, zoneout_p, reset, D, T, B, P, wdt, dev, proj),
+        p_dh0acc=dh0acc, p_dc0acc=dc0acc,
         p_dxg=dxg, p_dgh=dgh if mode == "GRU" else None, p_dh0=dh0, p_dc0=dc0 if lstm else None, p_dhp=dhp,
         p_dghbuf=new((2, D, B, GH), wdt, dev), p_carry=new((2, D, B, P), wdt, dev),
         p_dcst=new((2, D, B, H), wdt, dev) if lstm else None,
@@ -522,7 +603,7 @@ def backward_launches(mode, dy, dhn, dcn, w_hh, w_hr, lengths, hp, gates, cs, ke
         pgrid = (D, triton.cdiv(B, pcfg.BLOCK_B), triton.cdiv(P, pcfg.BLOCK_H))
         dh_kernel, pargs = resolve(lstm_proj_bwd_kernel, dict(
             p_dy=dy, p_dhn=dhn, p_whh=w_hh, p_len=lengths, p_dghbuf=args["p_dghbuf"], p_carry=args["p_carry"],
-            p_dhtot=args["p_dhtot"], p_dhp=dhp, p_dh0=dh0, T=T, B=B, H=H, P=P, D=D, BLOCK_B=pcfg.BLOCK_B,
+            p_dhtot=args["p_dhtot"], p_dhp=dhp, p_dh0=dh0, p_reset=reset, p_dh0acc=dh0acc, T=T, B=B, H=H, P=P, D=D, BLOCK_B=pcfg.BLOCK_B,
             BLOCK_P=pcfg.BLOCK_H, BLOCK_K=pcfg.BLOCK_K, PREC=prec))
         # iteration i is step s = T - 1 - i; i = T (s = -1) forms dh0
         for i in range(T + 1):
@@ -535,20 +616,23 @@ def backward_launches(mode, dy, dhn, dcn, w_hh, w_hr, lengths, hp, gates, cs, ke
     return (dxg, dgh, dh0, dc0, dhp), launches(), sync
 
 
-def scan_forward(mode, xg, w_hh, b_hh, w_hr, h0, c0, lengths, save, *, kernel="stepwise", allow_tf32=False):
-    """The scan contract's forward (docs/design.md). Returns (y, hn, cn, hp, gates, cs)."""
+def scan_forward(mode, xg, w_hh, b_hh, w_hr, h0, c0, lengths, save, *, kernel="stepwise", allow_tf32=False,
+                 zoneout=None, zoneout_p=0.0, reset=None):
+    """The scan contract's forward (docs/design.md), with the variants (module docstring).
+    Returns (y, hn, cn, hp, gates, cs)."""
     outs, launches, sync = forward_launches(mode, xg, w_hh, b_hh, w_hr, h0, c0, lengths, save, kernel,
-                                            allow_tf32)
+                                            allow_tf32, zoneout, zoneout_p, reset)
     run(launches)
     _check_sync(sync, xg.shape[0])
     return outs
 
 
 def scan_backward(mode, dy, dhn, dcn, w_hh, w_hr, lengths, hp, gates, cs, *, kernel="stepwise",
-                  allow_tf32=False):
-    """The scan contract's backward (docs/design.md). Returns (dxg, dgh, dh0, dc0, dhp)."""
+                  allow_tf32=False, zoneout=None, zoneout_p=0.0, reset=None):
+    """The scan contract's backward (docs/design.md), with the variants. Returns (dxg, dgh, dh0,
+    dc0, dhp)."""
     outs, launches, sync = backward_launches(mode, dy, dhn, dcn, w_hh, w_hr, lengths, hp, gates, cs, kernel,
-                                             allow_tf32)
+                                             allow_tf32, zoneout, zoneout_p, reset)
     run(launches)
     _check_sync(sync, hp.shape[0])
     return outs
