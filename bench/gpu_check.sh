@@ -2,7 +2,7 @@
 # The one-shot GPU check: bench/gpu_check.sh [RESULTS_DIR]   (or env FUSEDRNN_RESULTS)
 #
 # On a machine with one CUDA GPU (sized for an H200, finishes well inside 8 minutes; worst case,
-# every stage hitting its timeout: 575 s of stages + a few seconds of setup):
+# every stage hitting its timeout: 635 s of stages + a few seconds of setup):
 #   1. the GPU tests: pytest -m gpu tests (tests/test_gpu.py: fused vs float64 reference at real
 #      sizes, every cell and dtype, plus any other gpu-marked test)          timeout 110 s
 #      (without pytest: fusedrnn verify --shape 128,32,200,257 --dtype fp32,bf16 instead)
@@ -20,7 +20,9 @@
 #   5. bf16 T=512 B=64 H=512 one layer fwd+bwd: lstm, gru, rnn_tanh vs cuDNN  timeout  40 s
 #   6. backend="auto" after tuning vs cuDNN (lstm, gru; B in {8,64,256} x H in {256,1024},
 #      T=1024, bf16, fwd+bwd and inference; tuning cost per key in the records)  timeout  60 s
-#   7. persistent vs stepwise vs cuDNN where half precision has a single-program plan: lstm,
+#   7. LayerNorm LSTM/GRU vs the plain fused layer and the PyTorch loop (bench/layernorm_bench.py
+#      --gpu; bf16 T=512 B=64 H=512 fwd+bwd)                                  timeout  60 s
+#   8. persistent vs stepwise vs cuDNN where half precision has a single-program plan: lstm,
 #      gru, rnn_tanh, bf16, B=16, H in {64, 128}, T=1024, fwd+bwd and inference (the persistent
 #      provider is skipped, with the reason, where no plan holds; 45 s budget)  timeout  60 s
 # Results (default bench/results/<gpu>-<date>/): env.txt, pytest.log, pytest_grid.log, verify.txt, verify.json,
@@ -143,6 +145,10 @@ if [ $CUDA -eq 1 ]; then
         --batch 8,64,256 --hidden 256,1024 --seq 1024 --pass fwdbwd,inference --dtype bf16 \
         --providers fusedrnn-auto,cudnn --rep 30 --budget 45 --no-progress \
         --out "$OUT/auto.json" --md "$OUT/auto.md"
+    # LayerNorm LSTM / GRU at the point (T=512 B=64 H=512 bf16 fwd+bwd): <= 1.3x the
+    # plain fused layer and >= 10x the PyTorch step loop (exit 1 on a miss)
+    stage "layernorm bf16 T512 B64 H512" 60 "$OUT/layernorm.log" \
+        "$PY" bench/layernorm_bench.py --gpu
     stage "persistent vs stepwise bf16 B16" 60 "$OUT/persistent.log" \
         "$PY" -m fusedrnn bench --device cuda --cell lstm,gru,rnn_tanh --batch 16 --hidden 64,128 \
         --seq 1024 --layers 1 --pass fwdbwd,inference --dtype bf16 \
