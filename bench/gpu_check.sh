@@ -2,31 +2,33 @@
 # The one-shot GPU check: bench/gpu_check.sh [RESULTS_DIR]   (or env FUSEDRNN_RESULTS)
 #
 # On a machine with one CUDA GPU (sized for an H200, finishes well inside 8 minutes; worst case,
-# every stage hitting its timeout: 635 s of stages + a few seconds of setup):
+# every stage hitting its timeout: 480 s of stages + a few seconds of setup):
 #   1. the GPU tests: pytest -m gpu tests (tests/test_gpu.py: fused vs float64 reference at real
-#      sizes, every cell and dtype, plus any other gpu-marked test)          timeout 110 s
+#      sizes, every cell and dtype, plus any other gpu-marked test)          timeout  90 s
 #      (without pytest: fusedrnn verify --shape 128,32,200,257 --dtype fp32,bf16 instead)
 #   2. fusedrnn verify --device cuda (the full grid; fp32, bf16, fp64, fp16 in that order, new
-#      cases stop after 75 s and the rest are listed as not run)              timeout 100 s
+#      cases stop after 50 s and the rest are listed as not run)              timeout  70 s
 #   3. one empty grid barrier: fusedrnn bench --barrier (kernels/barrier.py at every SM, at 2
 #      programs, and the CTA-only barrier of single-program plans; us per barrier and per
 #      launch)                                                                timeout  20 s
 #      then the grid-barrier tests: the opt-in multi-program persistent layers
-#      (tests/test_gpu.py::test_grid_barrier) and the barrier kernel's gpu test timeout  45 s
+#      (tests/test_gpu.py::test_grid_barrier) and the barrier kernel's gpu test timeout  35 s
 #   4. the standard sweep vs cuDNN: lstm, B in {1,8,16,64,256} x H in {128,256,512,1024},
 #      T=1024, fwd+bwd and inference, bf16 and fp32 (do_bench with a short rep; points left when
-#      the 110 s budget runs out are recorded as skipped); its barrier floor uses stage 3's
-#      measurement when there is one                                          timeout 140 s
+#      the 75 s budget runs out are recorded as skipped); its barrier floor uses stage 3's
+#      measurement when there is one                                          timeout 100 s
 #   5. bf16 T=512 B=64 H=512 one layer fwd+bwd: lstm, gru, rnn_tanh vs cuDNN  timeout  40 s
 #   6. backend="auto" after tuning vs cuDNN (lstm, gru; B in {8,64,256} x H in {256,1024},
-#      T=1024, bf16, fwd+bwd and inference; tuning cost per key in the records)  timeout  60 s
+#      T=1024, bf16, fwd+bwd and inference; tuning cost per key in the records; 30 s budget)
+#                                                                             timeout  45 s
 #   7. LayerNorm LSTM/GRU vs the plain fused layer and the PyTorch loop (bench/layernorm_bench.py
-#      --gpu; bf16 T=512 B=64 H=512 fwd+bwd)                                  timeout  60 s
+#      --gpu; bf16 T=512 B=64 H=512 fwd+bwd)                                  timeout  40 s
 #   8. persistent vs stepwise vs cuDNN where half precision has a single-program plan: lstm,
 #      gru, rnn_tanh, bf16, B=16, H in {64, 128}, T=1024, fwd+bwd and inference (the persistent
-#      provider is skipped, with the reason, where no plan holds; 45 s budget)  timeout  60 s
+#      provider is skipped, with the reason, where no plan holds; 30 s budget)  timeout  40 s
 # Results (default bench/results/<gpu>-<date>/): env.txt, pytest.log, pytest_grid.log, verify.txt, verify.json,
-# barrier.{json,md}, sweep.{json,md,png}, extra.{json,md,png}, persistent.{json,md}, summary.md. Each stage runs under
+# barrier.{json,md}, sweep.{json,md,png}, extra.{json,md,png}, auto.{json,md}, layernorm.log,
+# persistent.{json,md}, summary.md. Each stage runs under
 # `timeout`, so one hang cannot eat the budget; a failed stage does not stop the others.
 # Needs no network and no pip: runs from this checkout (PYTHONPATH). matplotlib/tqdm optional.
 #
@@ -105,7 +107,7 @@ cat "$OUT/env.txt"
 
 if [ $CUDA -eq 1 ]; then
     if "$PY" -c "import pytest" 2>/dev/null; then
-        stage "gpu tests" 110 "$OUT/pytest.log" \
+        stage "gpu tests" 90 "$OUT/pytest.log" \
             "$PY" -m pytest -m gpu tests -q -p no:cacheprovider --durations=10 -k "not barrier"
     else
         # No pytest here: the same comparison at real sizes through the CLI instead.
@@ -114,23 +116,23 @@ if [ $CUDA -eq 1 ]; then
             "$PY" -m fusedrnn verify --device cuda --shape 128,32,200,257 --dtype fp32,bf16 \
             --budget 90 --json "$OUT/verify_real.json"
     fi
-    stage "verify cuda" 100 "$OUT/verify.txt" \
-        "$PY" -m fusedrnn verify --device cuda --budget 75 --json "$OUT/verify.json"
+    stage "verify cuda" 70 "$OUT/verify.txt" \
+        "$PY" -m fusedrnn verify --device cuda --budget 50 --json "$OUT/verify.json"
     stage "grid barrier" 20 "$OUT/barrier.log" \
         "$PY" -m fusedrnn bench --barrier --device cuda --rep 50 \
         --out "$OUT/barrier.json" --md "$OUT/barrier.md"
     if "$PY" -c "import pytest" 2>/dev/null; then
         # the opt-in multi-program persistent path (FUSEDRNN_GRID_BARRIER=1) at real sizes: its
         # first run anywhere; a co-residency failure raises after a bounded spin
-        stage "grid-barrier kernels (tests)" 45 "$OUT/pytest_grid.log" \
+        stage "grid-barrier kernels (tests)" 35 "$OUT/pytest_grid.log" \
             "$PY" -m pytest -m gpu tests/test_gpu.py tests/test_barrier.py -q -p no:cacheprovider -k barrier
     fi
     BARRIER_US=()  # the measured barrier for the sweep's floors (a JSON without one: the estimate)
     [ -s "$OUT/barrier.json" ] && BARRIER_US=(--barrier-us "$OUT/barrier.json")
-    stage "sweep vs cudnn" 140 "$OUT/sweep.log" \
+    stage "sweep vs cudnn" 100 "$OUT/sweep.log" \
         "$PY" -m fusedrnn bench --device cuda --cell lstm --batch 1,8,16,64,256 \
         --hidden 128,256,512,1024 --seq 1024 --pass fwdbwd,inference --dtype bf16,fp32 \
-        --providers fusedrnn,cudnn --rep 30 --budget 110 --no-progress \
+        --providers fusedrnn,cudnn --rep 30 --budget 75 --no-progress \
         ${BARRIER_US[@]+"${BARRIER_US[@]}"} \
         --out "$OUT/sweep.json" --md "$OUT/sweep.md" --plot "$OUT/sweep.png"
     stage "bf16 T512 B64 H512" 40 "$OUT/extra.log" \
@@ -140,19 +142,19 @@ if [ $CUDA -eq 1 ]; then
     # backend="auto" after its measured choice (fusedrnn/tune.py) against cuDNN on part of the
     # standard sweep; each record carries the tuning cost of its key (tuning_ms). Target: >= 0.98x
     # cuDNN's speed at every point. A fresh cache directory, so every key is tuned here.
-    stage "auto (tuned) vs cudnn" 60 "$OUT/auto.log" \
+    stage "auto (tuned) vs cudnn" 45 "$OUT/auto.log" \
         env FUSEDRNN_CACHE_DIR="$OUT/tune-cache" "$PY" -m fusedrnn bench --device cuda --cell lstm,gru \
         --batch 8,64,256 --hidden 256,1024 --seq 1024 --pass fwdbwd,inference --dtype bf16 \
-        --providers fusedrnn-auto,cudnn --rep 30 --budget 45 --no-progress \
+        --providers fusedrnn-auto,cudnn --rep 30 --budget 30 --no-progress \
         --out "$OUT/auto.json" --md "$OUT/auto.md"
     # LayerNorm LSTM / GRU at the issue's point (T=512 B=64 H=512 bf16 fwd+bwd): <= 1.3x the
     # plain fused layer and >= 10x the PyTorch step loop (exit 1 on a miss)
-    stage "layernorm bf16 T512 B64 H512" 60 "$OUT/layernorm.log" \
+    stage "layernorm bf16 T512 B64 H512" 40 "$OUT/layernorm.log" \
         "$PY" bench/layernorm_bench.py --gpu
-    stage "persistent vs stepwise bf16 B16" 60 "$OUT/persistent.log" \
+    stage "persistent vs stepwise bf16 B16" 40 "$OUT/persistent.log" \
         "$PY" -m fusedrnn bench --device cuda --cell lstm,gru,rnn_tanh --batch 16 --hidden 64,128 \
         --seq 1024 --layers 1 --pass fwdbwd,inference --dtype bf16 \
-        --providers fusedrnn-persistent,fusedrnn-stepwise,cudnn --rep 30 --budget 45 --no-progress \
+        --providers fusedrnn-persistent,fusedrnn-stepwise,cudnn --rep 30 --budget 30 --no-progress \
         --out "$OUT/persistent.json" --md "$OUT/persistent.md"
 else
     echo "no CUDA device: skipping the GPU stages; rehearsing the CPU versions (Triton interpreter)"
