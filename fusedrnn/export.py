@@ -19,8 +19,15 @@
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
+
+# What torch does for its own modules (torch.jit.TracerWarning.ignore_lib_warnings): the checks of
+# sizes in fusedrnn's forward (input_size, T > 0) are constants of a trace by design, not a hazard
+# to warn the user about on every torch.jit.trace.
+warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"fusedrnn(\.|$)")
 
 _TORCH_LAYERS = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN_TANH": nn.RNN, "RNN_RELU": nn.RNN}
 _TORCH_CELLS = {"LSTM": nn.LSTMCell, "GRU": nn.GRUCell, "RNN_TANH": nn.RNNCell, "RNN_RELU": nn.RNNCell}
