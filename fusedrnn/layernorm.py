@@ -58,8 +58,9 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import reference
 from .dispatch import kernels as _triton_package
-from .dispatch import resolve
+from .dispatch import requested_backend, resolve
 from .errors import BackendUnavailableError, InputRankError, InputShapeError, NotATensorError, StateRankError
+from .functional import check_probability, check_reset, drop_recurrent_weights, drop_weight, zoneout_mask
 from .modules import (_FusedRNNBase, _Backend, _autocast_on, _cast_weights, _compute_dtype, _describe,
                       _initial_states, _no_autocast, _prepare_input)
 from .spec import BACKENDS, GATES, KERNEL_CHOICES, LOOP_KERNEL, check_choice, work_dtype
@@ -105,18 +106,31 @@ def ln_cell_step(mode, x, state, weights):
     return (ln_gru_cell(x, state[0], w_ih, w_hh, b_ih, b_hh, g_ih, g_hh),)
 
 
-def ln_layer_direction(mode, x, state, weights, lengths=None, reverse=False):
-    """One direction of one layer over a padded (T, B, I) sequence; the same length semantics as
-    fusedrnn.reference.layer_direction. Returns y (T, B, H) and the final state tuple."""
+def ln_layer_direction(mode, x, state, weights, lengths=None, reverse=False, zoneout=None, reset=None):
+    """One direction of one layer over a padded (T, B, I) sequence; the same length and variant
+    semantics as fusedrnn.reference.layer_direction (zoneout: None, the eval p or a (T, B, H) bool
+    mask indexed by time; reset: None or this direction's (T, B) mask, reference.reset_for_direction).
+    Returns y (T, B, H) and the final state tuple."""
     T, B = x.shape[0], x.shape[1]
     if lengths is None:
         lengths = torch.full((B,), T, dtype=torch.long, device=x.device)
+    initial = state
     if reverse:
         idx = reference.reverse_index(lengths, T)
         x = x.gather(0, idx[:, :, None].expand_as(x))
+        if isinstance(zoneout, Tensor):
+            zoneout = zoneout.gather(0, idx[:, :, None].expand_as(zoneout))
+        if reset is not None:
+            reset = reset.gather(0, idx)
     ys = []
     for t in range(T):
+        if reset is not None:
+            restart = (reset[t] & (t < lengths))[:, None]
+            state = tuple(torch.where(restart, s0, s) for s0, s in zip(initial, state))
         new_state = ln_cell_step(mode, x[t], state, weights)
+        if zoneout is not None:
+            z = zoneout[t].to(x.dtype) if isinstance(zoneout, Tensor) else zoneout
+            new_state = (z * state[0] + (1 - z) * new_state[0],) + tuple(new_state[1:])
         alive = (t < lengths)[:, None]
         state = tuple(torch.where(alive, n, s) for n, s in zip(new_state, state))
         ys.append(torch.where(alive, new_state[0], torch.zeros_like(new_state[0])))
@@ -126,9 +140,12 @@ def ln_layer_direction(mode, x, state, weights, lengths=None, reverse=False):
     return y, state
 
 
-def ln_rnn(mode, x, hx, layer_weights, num_layers, bidirectional, lengths=None, dropout=0.0, training=False):
+def ln_rnn(mode, x, hx, layer_weights, num_layers, bidirectional, lengths=None, dropout=0.0, training=False,
+           zoneout=None, reset=None):
     """The whole stack, time-major: x (T, B, I), hx (h0,) or (h0, c0) of (L*D, B, H), layer_weights
-    one 8-tuple per (layer, direction). Returns y (T, B, D*H) and the tuple of final states."""
+    one 8-tuple per (layer, direction). zoneout: None or per layer None, the eval p or a (D, T, B, H)
+    mask; reset: None or the user's (T, B) mask (as fusedrnn.reference.rnn). Returns y (T, B, D*H)
+    and the tuple of final states."""
     D = 2 if bidirectional else 1
     finals = []
     layer_in = x
@@ -136,8 +153,11 @@ def ln_rnn(mode, x, hx, layer_weights, num_layers, bidirectional, lengths=None, 
         outs = []
         for d in range(D):
             k = layer * D + d
+            z = zoneout[layer] if zoneout is not None else None
+            z = z[d] if isinstance(z, Tensor) else z
+            r = reference.reset_for_direction(reset, lengths, d == 1) if reset is not None else None
             y, final = ln_layer_direction(mode, layer_in, tuple(s[k] for s in hx), layer_weights[k],
-                                          lengths, reverse=d == 1)
+                                          lengths, reverse=d == 1, zoneout=z, reset=r)
             outs.append(y)
             finals.append(final)
         layer_in = torch.cat(outs, dim=-1)
@@ -172,10 +192,24 @@ def _reorder(a, order):
     return a.gather(0, order.view(*order.shape, *([1] * (a.dim() - 2))).expand_as(a))
 
 
-def scan_forward(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save):
+def _variant_steps(zoneout, reset, alive, d, order, T):
+    """Per step of direction d (step order): the zoneout keep masks (B, H) and the restart masks
+    (B, 1) (live rows only), each None when absent."""
+    zs = None if zoneout is None else _reorder(zoneout[d], order).unbind(0)
+    rs = None
+    if reset is not None:
+        r = _reorder(reset[d], order).unsqueeze(-1)
+        rs = (r if alive is None else r & alive).unbind(0)
+    return zs, rs
+
+
+def scan_forward(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save, zoneout=None, zoneout_p=0.0,
+                 reset=None):
     """The step loop works in step order: per direction, the inputs are reordered once (reverse
     direction), the per-step results are kept in lists and stacked (and reordered) once at the
-    end: no indexing inside the loop."""
+    end: no indexing inside the loop. Variants as fusedrnn/loop.py: zoneout (D, T, B, H) bool
+    keep-mask or None, zoneout_p the eval blend weight, reset (D, T, B) bool (per direction,
+    indexed by time); hp / cs hold the state actually entering the step (h0 / c0 at a restart)."""
     D, T, B, GH = xg.shape
     H = w_hh.shape[2]
     lstm = mode == "LSTM"
@@ -186,8 +220,9 @@ def scan_forward(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save):
     for d in range(D):
         order = _to_steps(lengths, T, d == 1)
         xs = _reorder(xg[d], order).to(wdt).unbind(0)
-        h = h0[d].to(wdt)
-        c = c0[d].to(wdt) if lstm else None
+        h = h_init = h0[d].to(wdt)
+        c = c_init = c0[d].to(wdt) if lstm else None
+        zs, rs = _variant_steps(zoneout, reset, alive, d, order, T)
         w_t = w_hh[d].to(wdt).t()
         gh = g_h[d].to(wdt)
         bh = b_h[d].to(wdt) if b_h is not None else None
@@ -195,6 +230,10 @@ def scan_forward(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save):
         y_s, hp_s, hw_s, st_s, sv_s, cs_s = [], [], [], [], [], []
         for s in range(T):
             xt = xs[s]
+            if rs is not None:
+                h = torch.where(rs[s], h_init, h)
+                if lstm:
+                    c = torch.where(rs[s], c_init, c)
             hw_t = h @ w_t
             hh, mu_h, r_h = torch.native_layer_norm(hw_t, (GH,), gh, bh, EPS)
             if lstm:
@@ -221,6 +260,10 @@ def scan_forward(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save):
                 sv_s.append(sv)
                 if lstm:
                     cs_s.append(c)
+            if zs is not None:
+                h_new = torch.where(zs[s], h, h_new)
+            elif zoneout_p > 0:
+                h_new = zoneout_p * h + (1 - zoneout_p) * h_new
             if alive is None:
                 y_s.append(h_new)
                 h = h_new
@@ -249,9 +292,12 @@ def scan_forward(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save):
     return y, hn, cn, hp, hw, stats, gates, cs
 
 
-def scan_backward(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp, hw, stats, gates, cs):
+def scan_backward(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp, hw, stats, gates, cs, zoneout=None,
+                  zoneout_p=0.0, reset=None):
     """Reverse step loop in step order (see scan_forward). LN(c)'s statistics are recomputed by
-    one fused native_layer_norm per step (they equal the saved ones up to rounding)."""
+    one fused native_layer_norm per step (they equal the saved ones up to rounding). Zoneout
+    splits the gradient of h_t between the cell (1 - z) and h_{t-1} (z); at a restart the gradient
+    of the state entering the step goes to dh0 / dc0 and nothing reaches the step before."""
     D, T, B, H = hp.shape
     GH = w_hh.shape[1]
     lstm = mode == "LSTM"
@@ -279,11 +325,21 @@ def scan_backward(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp, hw,
         other_s = _reorder(cs[d] if lstm else hp[d], order).unbind(0)
         dh = dhn[d].to(wdt)
         dc = dcn[d].to(wdt) if lstm else None
+        zs, rs = _variant_steps(zoneout, reset, alive, d, order, T)
+        dh_reset = torch.zeros_like(dh) if rs is not None else None
+        dc_reset = torch.zeros_like(dc) if rs is not None and lstm else None
         dxg_s, dhw_s = [None] * T, [None] * T
         for s in reversed(range(T)):
             a = None if alive is None else alive[s]
             dh_t = dh + dys[s]
             dhl = dh_t if a is None else torch.where(a, dh_t, 0)
+            dh_direct = None
+            if zs is not None:
+                dh_direct = torch.where(zs[s], dhl, 0)
+                dhl = torch.where(zs[s], 0, dhl)
+            elif zoneout_p > 0:
+                dh_direct = zoneout_p * dhl
+                dhl = (1 - zoneout_p) * dhl
             sv = sv_s[s]
             if lstm:
                 i, f, g, o = sv.chunk(4, dim=-1)
@@ -320,19 +376,28 @@ def scan_backward(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp, hw,
             dh_prev = dhw_t @ whh
             if not lstm:
                 dh_prev = torch.addcmul(dh_prev, dhl, z)
+            if dh_direct is not None:
+                dh_prev = dh_prev + dh_direct
+            dc_prev = dc_t * f if lstm else None
+            if rs is not None:
+                dh_reset += torch.where(rs[s], dh_prev, 0)
+                dh_prev = torch.where(rs[s], 0, dh_prev)
+                if lstm:
+                    dc_reset += torch.where(rs[s], dc_prev, 0)
+                    dc_prev = torch.where(rs[s], 0, dc_prev)
             if a is None:
                 dh = dh_prev
                 if lstm:
-                    dc = dc_t * f
+                    dc = dc_prev
             else:
                 dh = torch.where(a, dh_prev, dh_t)
                 if lstm:
-                    dc = torch.where(a, dc_t * f, dc)
+                    dc = torch.where(a, dc_prev, dc)
         dxgs.append(_reorder(torch.stack(dxg_s), order))
         dhws.append(_reorder(torch.stack(dhw_s), order))
-        dh0s.append(dh)
+        dh0s.append(dh if dh_reset is None else dh + dh_reset)
         if lstm:
-            dc0s.append(dc)
+            dc0s.append(dc if dc_reset is None else dc + dc_reset)
     return (torch.stack(dxgs), torch.stack(dhws), torch.stack(dh0s), torch.stack(dc0s) if lstm else hp.new_empty(0),
             dg_h, db_h, dg_c, db_c)
 
@@ -369,9 +434,19 @@ def choose_kernel(route, kernel, mode, D, B, H, dtype, device):
     return "stepwise"
 
 
-def _scan(kernel, allow_tf32, mode, x, w_hh):
+def _variant_kwargs(zoneout, zoneout_p, reset):
+    """The variant arguments of the scan (none when every variant is off)."""
+    if zoneout is None and not zoneout_p and reset is None:
+        return {}
+    return {"zoneout": zoneout, "zoneout_p": zoneout_p, "reset": reset}
+
+
+def _scan(kernel, allow_tf32, mode, x, w_hh, variants=None):
     if kernel == LOOP_KERNEL:
-        return scan_forward, scan_backward, {}
+        return scan_forward, scan_backward, dict(variants or {})
+    if variants:
+        raise _variants_unavailable(variants.get("zoneout") is not None or variants.get("zoneout_p"),
+                                    variants.get("reset") is not None)
     if kernel == "auto":
         D, GH, H = w_hh.shape
         kernel = choose_kernel("triton", "auto", mode, D, x.shape[1], H, x.dtype, x.device)
@@ -395,11 +470,13 @@ def _vec(t, d, wdt):
 def ln_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_x: Optional[Tensor], b_h: Optional[Tensor],
              g_x: Tensor, g_h: Tensor, g_c: Optional[Tensor], b_c: Optional[Tensor], h0: Tensor,
              c0: Optional[Tensor], lengths: Optional[Tensor], mode: str, kernel: str, save: bool,
-             allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+             allow_tf32: bool, zoneout: Optional[Tensor] = None, zoneout_p: float = 0.0,
+             reset: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One LayerNorm layer, all directions: y, hn, cn and the workspace hp, hw, stats, gates, cs.
     The input side (x W_ih^T, its LayerNorm, the bias b_x) is one batched matmul and one fused
-    LayerNorm over all steps; the scan does the rest."""
-    forward, _, kw = _scan(kernel, allow_tf32, mode, x, w_hh)
+    LayerNorm over all steps; the scan does the rest. Variants: zoneout (D, T, B, H) bool keep-mask
+    (training) or None, zoneout_p the eval blend weight, reset (D, T, B) bool per direction."""
+    forward, _, kw = _scan(kernel, allow_tf32, mode, x, w_hh, _variant_kwargs(zoneout, zoneout_p, reset))
     T, B, _ = x.shape
     D, GH, _ = w_ih.shape
     wdt = work_dtype(x.dtype)
@@ -412,7 +489,7 @@ def ln_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_x: Optional[Tensor], b_h: 
 
 @ln_layer.register_fake
 def _ln_layer_fake(x, w_ih, w_hh, b_x, b_h, g_x, g_h, g_c, b_c, h0, c0, lengths, mode, kernel, save,
-                   allow_tf32):
+                   allow_tf32, zoneout=None, zoneout_p=0.0, reset=None):
     T, B, _ = x.shape
     D, GH, H = w_hh.shape
     wdt = work_dtype(x.dtype)
@@ -431,12 +508,13 @@ def ln_layer_backward(dy: Tensor, dhn: Tensor, dcn: Optional[Tensor], x: Tensor,
                       b_x: Optional[Tensor], b_h: Optional[Tensor], g_x: Tensor, g_h: Tensor,
                       g_c: Optional[Tensor], b_c: Optional[Tensor], lengths: Optional[Tensor], hp: Tensor,
                       hw: Tensor, stats: Tensor, gates: Tensor, cs: Tensor, mode: str, kernel: str,
-                      allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                 Tensor, Tensor, Tensor, Tensor]:
+                      allow_tf32: bool, zoneout: Optional[Tensor] = None, zoneout_p: float = 0.0,
+                      reset: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                               Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ln_layer: dx, dw_ih, dw_hh, db_x, db_h, dg_x, dg_h, dg_c, db_c, dh0, dc0
     (empty tensors for absent inputs). The input side's LayerNorm is recomputed from x W_ih^T
     (one batched matmul) rather than saved."""
-    _, backward, kw = _scan(kernel, allow_tf32, mode, x, w_hh)
+    _, backward, kw = _scan(kernel, allow_tf32, mode, x, w_hh, _variant_kwargs(zoneout, zoneout_p, reset))
     lstm = mode == "LSTM"
     dxg, dhw, dh0, dc0, dg_h, db_h, dg_c, db_c = backward(
         mode, dy.contiguous(), dhn.contiguous(), None if dcn is None else dcn.contiguous(), w_hh.contiguous(),
@@ -472,7 +550,7 @@ def ln_layer_backward(dy: Tensor, dhn: Tensor, dcn: Optional[Tensor], x: Tensor,
 
 @ln_layer_backward.register_fake
 def _ln_layer_backward_fake(dy, dhn, dcn, x, w_ih, w_hh, b_x, b_h, g_x, g_h, g_c, b_c, lengths, hp, hw,
-                            stats, gates, cs, mode, kernel, allow_tf32):
+                            stats, gates, cs, mode, kernel, allow_tf32, zoneout=None, zoneout_p=0.0, reset=None):
     D, GH, H = w_hh.shape
     B = x.shape[1]
     lstm = mode == "LSTM"
@@ -484,19 +562,22 @@ def _ln_layer_backward_fake(dy, dhn, dcn, x, w_ih, w_hh, b_x, b_h, g_x, g_h, g_c
 
 
 def _setup_context(ctx, inputs, output):
-    (x, w_ih, w_hh, b_x, b_h, g_x, g_h, g_c, b_c, h0, c0, lengths, mode, kernel, save, allow_tf32) = inputs
+    (x, w_ih, w_hh, b_x, b_h, g_x, g_h, g_c, b_c, h0, c0, lengths, mode, kernel, save, allow_tf32,
+     zoneout, zoneout_p, reset) = inputs
     _, _, _, hp, hw, stats, gates, cs = output
-    ctx.save_for_backward(x, w_ih, w_hh, b_x, b_h, g_x, g_h, g_c, b_c, h0, c0, lengths, hp, hw, stats, gates, cs)
-    ctx.config = (mode, kernel, save, allow_tf32)
+    ctx.save_for_backward(x, w_ih, w_hh, b_x, b_h, g_x, g_h, g_c, b_c, h0, c0, lengths, hp, hw, stats, gates, cs,
+                          zoneout, reset)
+    ctx.config = (mode, kernel, save, allow_tf32, zoneout_p)
     ctx.mark_non_differentiable(hp, hw, stats, gates, cs)
 
 
 def _backward(ctx, dy, dhn, dcn, *_workspace):
-    mode, kernel, save, allow_tf32 = ctx.config
+    mode, kernel, save, allow_tf32, zoneout_p = ctx.config
     if not save:
         raise RuntimeError("fusedrnn: this LayerNorm layer ran without saving activations for backward "
                            "(save=False); run it with gradients enabled to differentiate it")
-    x, w_ih, w_hh, b_x, b_h, g_x, g_h, g_c, b_c, h0, c0, lengths, hp, hw, stats, gates, cs = ctx.saved_tensors
+    (x, w_ih, w_hh, b_x, b_h, g_x, g_h, g_c, b_c, h0, c0, lengths, hp, hw, stats, gates, cs, zoneout,
+     reset) = ctx.saved_tensors
     lstm = mode == "LSTM"
     if dy is None:
         dy = x.new_zeros(x.shape[0], x.shape[1], w_hh.shape[0] * w_hh.shape[2])
@@ -508,10 +589,10 @@ def _backward(ctx, dy, dhn, dcn, *_workspace):
         dcn = None
     (dx, dw_ih, dw_hh, db_x, db_h, dg_x, dg_h, dg_c, db_c, dh0, dc0) = torch.ops.fusedrnn.ln_layer_backward(
         dy, dhn, dcn, x, w_ih, w_hh, b_x, b_h, g_x, g_h, g_c, b_c, lengths, hp, hw, stats, gates, cs, mode,
-        kernel, allow_tf32)
+        kernel, allow_tf32, zoneout, zoneout_p, reset)
     return (dx, dw_ih, dw_hh, db_x if b_x is not None else None, db_h if b_h is not None else None, dg_x, dg_h,
             dg_c if lstm else None, db_c if lstm else None, dh0, dc0 if lstm else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("fusedrnn::ln_layer", _backward, setup_context=_setup_context)
@@ -525,12 +606,27 @@ def _stack(ts):
 
 
 def run_ln_layers(mode, x, lengths, hx, weights, *, num_layers, bidirectional, dropout, training, route,
-                  kernel="auto", last_kernels=None):
+                  kernel="auto", last_kernels=None, zoneout=0.0, reset=None):
     """The stack on `route`: "reference", "loop" (PyTorch scan) or "triton". x (T, B, I) padded,
-    time-major; weights one 8-tuple per (layer, direction). Returns y (T, B, D*H), final states."""
-    if route == "reference":
-        return ln_rnn(mode, x, hx, weights, num_layers, bidirectional, lengths, dropout, training)
+    time-major; weights one 8-tuple per (layer, direction). zoneout: the probability p (training:
+    every layer's (D, T, B, H) mask drawn here before the first layer runs, as
+    fusedrnn.functional.run_layers, so every route consumes the random stream alike; eval: the
+    expectation); reset: None or the (T, B) bool mask, time-major. Returns y (T, B, D*H), final
+    states."""
     D = 2 if bidirectional else 1
+    T, B = x.shape[0], x.shape[1]
+    zoneouts = [None] * num_layers
+    if zoneout > 0:
+        zoneouts = ([zoneout_mask(zoneout, (D, T, B, hx[0].shape[-1]), x.device) for _ in range(num_layers)]
+                    if training else [zoneout] * num_layers)
+    if route == "reference":
+        return ln_rnn(mode, x, hx, weights, num_layers, bidirectional, lengths, dropout, training,
+                      zoneout=zoneouts if zoneout > 0 else None, reset=reset)
+    if route == "triton" and (zoneout > 0 or reset is not None):
+        raise _variants_unavailable(zoneout > 0, reset is not None)
+    resets = None
+    if reset is not None:
+        resets = torch.stack([reference.reset_for_direction(reset, lengths, d == 1) for d in range(D)])
     lstm = mode == "LSTM"
     allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
     finals = [[] for _ in hx]
@@ -552,8 +648,11 @@ def run_ln_layers(mode, x, lengths, hx, weights, *, num_layers, bidirectional, d
             last_kernels.append(chosen)
         if not torch.compiler.is_compiling():
             log.debug("fusedrnn: LayerNorm %s layer %d runs kernel %s", mode, layer, chosen)
-        y, hn, cn, *_ = torch.ops.fusedrnn.ln_layer(layer_in, w_ih, w_hh, b_x, b_h, g_x, g_h, g_c, b_c, h0, c0,
-                                                    lengths, mode, chosen, save, allow_tf32)
+        args = (layer_in, w_ih, w_hh, b_x, b_h, g_x, g_h, g_c, b_c, h0, c0, lengths, mode, chosen, save, allow_tf32)
+        if zoneout > 0 or resets is not None:
+            z = zoneouts[layer]
+            args += (z, 0.0, resets) if isinstance(z, Tensor) else (None, z or 0.0, resets)
+        y, hn, cn, *_ = torch.ops.fusedrnn.ln_layer(*args)
         finals[0].append(hn)
         if lstm:
             finals[1].append(cn)
@@ -561,6 +660,26 @@ def run_ln_layers(mode, x, lengths, hx, weights, *, num_layers, bidirectional, d
         if dropout > 0 and training and layer < num_layers - 1:
             layer_in = F.dropout(layer_in, dropout, training=True)
     return layer_in, tuple(torch.cat(f) for f in finals)
+
+
+def _variants_unavailable(zoneout, reset):
+    """The error of a Triton LayerNorm layer asked for zoneout / reset (kernels/layernorm.py does
+    not implement them yet; the PyTorch scan and the reference do)."""
+    what = " and ".join(n for n, on in (("zoneout", zoneout), ("reset", reset)) if on)
+    return BackendUnavailableError(
+        f"{what} on a LayerNorm layer is not implemented in the Triton LayerNorm kernels "
+        "(kernels/layernorm.py); use backend='auto' or 'torch' (the PyTorch scan, any device) or 'reference'")
+
+
+def _variants_ln_route(backend, route, zoneout, reset):
+    """The route of a LayerNorm layer call with zoneout or reset: the Triton kernels cannot run
+    them, so backend="auto" takes the PyTorch scan ("loop") instead and an explicit
+    backend="triton" raises BackendUnavailableError naming the argument."""
+    if route != "triton" or (zoneout == 0 and reset is None):
+        return route
+    if requested_backend(backend) == "triton":
+        raise _variants_unavailable(zoneout > 0, reset is not None)
+    return "loop"
 
 
 def _route(backend, device):
@@ -591,10 +710,12 @@ class _LayerNormRNNBase(_FusedRNNBase):
 
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None, *,
-                 backend="auto", kernel="auto"):
+                 backend="auto", kernel="auto", zoneout=0.0, weight_drop=0.0):
         _reject_proj_size(type(self).__name__, proj_size)
         super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype, backend=backend, kernel=kernel)
+        # layer=False: backend="torch" is the PyTorch scan here, which runs zoneout and reset
+        self._init_variants(zoneout, weight_drop, layer=False)
         factory = {"device": device, "dtype": dtype}
         D = 2 if bidirectional else 1
         names = []
@@ -638,7 +759,7 @@ class _LayerNormRNNBase(_FusedRNNBase):
                 out.append(tuple(_cast_weights(w, dtype)))
         return out
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, *, reset=None):
         name = type(self).__name__
         D = 2 if self.bidirectional else 1
         H = self.hidden_size
@@ -659,7 +780,7 @@ class _LayerNormRNNBase(_FusedRNNBase):
             is_batched = input.dim() == 3
             if not is_batched:
                 x = x.unsqueeze(0 if self.batch_first else 1)
-        route = _route(self.backend, x.device)
+        route = _variants_ln_route(self.backend, _route(self.backend, x.device), self.zoneout, reset)
         dtype = _compute_dtype(x, hx, weight_dtype, self.mode) if _autocast_on(x) else weight_dtype
         x = _prepare_input(x, dtype, weight_dtype, self.input_size)
         if packed:
@@ -681,7 +802,12 @@ class _LayerNormRNNBase(_FusedRNNBase):
         states = _initial_states(name, hx, x, dtype, shapes, check_rank, None if is_batched else 1)
         if hx is not None and sorted_indices is not None:
             states = [s.index_select(1, sorted_indices) for s in states]
+        if reset is not None:
+            reset = self._reset_mask(reset, T, B, packed, is_batched, x.device, sorted_indices)
         weights = self._layer_weights(dtype)
+        if self.weight_drop > 0 and self.training:
+            # one DropConnect mask per W_hh per call (in the order of drop_recurrent_weights)
+            weights = [(w[0], drop_weight(w[1], self.weight_drop)) + tuple(w[2:]) for w in weights]
         with _no_autocast(x):
             lengths = None
             if packed:
@@ -697,7 +823,8 @@ class _LayerNormRNNBase(_FusedRNNBase):
             run = "reference" if not packed and B == 0 else route
             y, finals = run_ln_layers(self.mode, x, lengths, tuple(states), weights, num_layers=self.num_layers,
                                       bidirectional=self.bidirectional, dropout=self.dropout,
-                                      training=self.training, route=run, kernel=self.kernel, last_kernels=kernels)
+                                      training=self.training, route=run, kernel=self.kernel, last_kernels=kernels,
+                                      zoneout=self.zoneout, reset=reset)
             if packed:
                 y = y.reshape(T * B, -1).index_select(0, rows)
             elif self.batch_first:
@@ -745,9 +872,11 @@ class LayerNormLSTM(_LayerNormRNNBase):
                                  extra="; ln_c_weight_l{k} (H) = γ_c init 1, ln_c_bias_l{k} (H) = β_c init 0")
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, proj_size=0, device=None, dtype=None, *, backend="auto", kernel="auto"):
+                 bidirectional=False, proj_size=0, device=None, dtype=None, *, backend="auto", kernel="auto",
+                 zoneout=0.0, weight_drop=0.0):
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         proj_size, device, dtype, backend=backend, kernel=kernel)
+                         proj_size, device, dtype, backend=backend, kernel=kernel, zoneout=zoneout,
+                         weight_drop=weight_drop)
 
 
 class LayerNormGRU(_LayerNormRNNBase):
@@ -760,9 +889,11 @@ class LayerNormGRU(_LayerNormRNNBase):
     __doc__ += _LAYER_DOC.format(base="GRU", lower="gru", G=3, order="r, z, n", state=" h_0", extra="")
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, proj_size=0, device=None, dtype=None, *, backend="auto", kernel="auto"):
+                 bidirectional=False, proj_size=0, device=None, dtype=None, *, backend="auto", kernel="auto",
+                 zoneout=0.0, weight_drop=0.0):
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-                         proj_size, device, dtype, backend=backend, kernel=kernel)
+                         proj_size, device, dtype, backend=backend, kernel=kernel, zoneout=zoneout,
+                         weight_drop=weight_drop)
 
 
 # ======================================================================================== cells
@@ -770,7 +901,7 @@ class _LayerNormCell(_Backend, nn.RNNCellBase):
     _mode = None
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend="auto",
-                 kernel="auto"):
+                 kernel="auto", zoneout=0.0, weight_drop=0.0):
         check_choice(backend, BACKENDS, "backend")
         check_choice(kernel, KERNEL_CHOICES, "kernel")
         for n, v in (("input_size", input_size), ("hidden_size", hidden_size)):
@@ -784,6 +915,7 @@ class _LayerNormCell(_Backend, nn.RNNCellBase):
         self._ln_names = [base for base, _, _ in _ln_param_shapes(self._mode, hidden_size)]
         self._reset_ln()
         self._init_backend(backend, kernel)
+        self._init_variants(zoneout, weight_drop, layer=False)
 
     _reset_ln = _LayerNormRNNBase._reset_ln
 
@@ -799,10 +931,10 @@ class _LayerNormCell(_Backend, nn.RNNCellBase):
         return type(self).__name__
 
     def extra_repr(self):
-        s = super().extra_repr()
+        s = super().extra_repr() + self._variants_repr()
         return s if self.backend == "auto" else s + f", backend={self.backend!r}"
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, *, reset=None):
         name = type(self).__name__
         lstm = self._mode == "LSTM"
         if not isinstance(input, Tensor):
@@ -825,10 +957,17 @@ class _LayerNormCell(_Backend, nn.RNNCellBase):
 
         shapes = [(B, self.hidden_size)] * (2 if lstm else 1)
         states = _initial_states(name, hx, x, dtype, shapes, check_rank, None if is_batched else 0)
+        if reset is not None:
+            # rows that restart: the zero state, with no gradient to the hx they replace
+            restart = check_reset(reset, (B,) if is_batched else (), "batch" if is_batched else "a scalar",
+                                  x.device).reshape(B, 1)
+            states = [torch.where(restart, torch.zeros_like(s), s) for s in states]
         w = [self.weight_ih, self.weight_hh, self.bias_ih if self.bias else None,
              self.bias_hh if self.bias else None, self.ln_ih_weight, self.ln_hh_weight]
         w += [self.ln_c_weight, self.ln_c_bias] if lstm else [None, None]
         w = tuple(_cast_weights(w, dtype))
+        if self.weight_drop > 0 and self.training:
+            w = (w[0], drop_weight(w[1], self.weight_drop)) + w[2:]
         kernels = []
         with _no_autocast(x):
             if route == "reference" or B == 0:
@@ -838,6 +977,14 @@ class _LayerNormCell(_Backend, nn.RNNCellBase):
                                     num_layers=1, bidirectional=False, dropout=0.0, training=self.training,
                                     route=route, kernel=self.kernel, last_kernels=kernels)[1]
                 out = tuple(o.squeeze(0) for o in out)
+            if self.zoneout > 0:
+                # h' = z h + (1 - z) h~ (LSTM: h only), around the cell op on every backend
+                h_prev, h_new = states[0], out[0]
+                if self.training:
+                    h_new = torch.where(zoneout_mask(self.zoneout, h_new.shape, x.device), h_prev, h_new)
+                else:
+                    h_new = self.zoneout * h_prev + (1 - self.zoneout) * h_new
+                out = (h_new,) + tuple(out[1:])
         self._record(route, kernels)
         if not is_batched:
             out = tuple(o.squeeze(0) for o in out)
