@@ -36,7 +36,8 @@ def _make(mode, dtype=torch.float64, **kw):
 
 def _twin(m, dtype=torch.float64, backend="reference"):
     """A module of the same class and configuration with `m`'s parameters, in `dtype`."""
-    kw = dict(num_layers=m.num_layers, bias=m.bias, batch_first=m.batch_first, bidirectional=m.bidirectional)
+    kw = dict(num_layers=m.num_layers, bias=m.bias, batch_first=m.batch_first, bidirectional=m.bidirectional,
+              zoneout=m.zoneout, weight_drop=m.weight_drop)
     twin = type(m)(m.input_size, m.hidden_size, dtype=dtype, backend=backend, **kw)
     twin.load_state_dict({k: v.to(dtype) for k, v in m.state_dict().items()})
     return twin
@@ -347,3 +348,300 @@ def test_compile_fullgraph_one_op_per_layer():
         assert count(bw, "fusedrnn.ln_layer_backward.") == 3
     finally:
         torch._dynamo.reset()
+
+
+# -------------------------------------------------------- variants: zoneout, weight_drop, reset
+from fusedrnn.errors import BackendUnavailableError  # noqa: E402
+
+RESET = torch.tensor([[0, 0, 0], [1, 0, 1], [0, 0, 1], [0, 1, 0]], dtype=torch.bool)   # (T, B)
+VARIANTS = {  # name: (constructor kwargs, training, reset)
+    "zoneout_train": (dict(zoneout=0.3), True, None),
+    "zoneout_eval": (dict(zoneout=0.3), False, None),
+    "weight_drop": (dict(weight_drop=0.4), True, None),
+    "reset": (dict(), False, RESET),
+    "all": (dict(zoneout=0.25, weight_drop=0.3), True, RESET),
+}
+
+
+def _run_v(m, x, packed=False, hx=None, reset=None, seed=7):
+    """_run with a reset mask and a fixed seed right before the call (the masks of zoneout and
+    weight_drop are drawn inside it)."""
+    dtype = m.weight_ih_l0.dtype
+    x = x.to(dtype).requires_grad_()
+    hx = None if hx is None else tuple(h.to(dtype).requires_grad_() for h in hx)
+    inp = pack_padded_sequence(x, LENGTHS, enforce_sorted=False) if packed else x
+    torch.manual_seed(seed)
+    y, h = m(inp, None if hx is None else (hx if m.mode == "LSTM" else hx[0]), reset=reset)
+    y = y.data if packed else y
+    outs = [y] + (list(h) if m.mode == "LSTM" else [h])
+    gen = torch.Generator().manual_seed(0)
+    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64)).sum() for o in outs)
+    grads = torch.autograd.grad(loss, [x] + list(hx or []) + list(m.parameters()))
+    return outs + list(grads)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("bidirectional,num_layers,packed", [(True, 2, True), (False, 1, False)])
+def test_variants_loop_matches_reference_float64(mode, variant, bidirectional, num_layers, packed):
+    kw, training, reset = VARIANTS[variant]
+    m = _make(mode, num_layers=num_layers, bidirectional=bidirectional, **kw).train(training)
+    ref = _twin(m).train(training)
+    D = 2 if bidirectional else 1
+    x, hx = torch.randn(T, B, I, dtype=torch.float64), _hx(mode, num_layers * D)
+    got = _run_v(m, x, packed, hx, reset)
+    assert m.last_backend == "loop"
+    _compare(got, _run_v(ref, x, packed, hx, reset), _names(m), 1e-12, f"loop fp64 {variant}")
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_variants_loop_float32_batch_first(mode):
+    m = _make(mode, torch.float32, bidirectional=True, batch_first=True, zoneout=0.3)
+    ref = _twin(m)
+    x = torch.randn(B, T, I, dtype=torch.float64)
+    reset = RESET.t().contiguous()   # (B, T) with batch_first
+    _compare(_run_v(m, x, reset=reset), _run_v(ref, x, reset=reset), _names(m, hx=False), 1e-5,
+             "loop fp32 zoneout + reset")
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_variants_gradcheck_float64(mode):
+    torch.manual_seed(3)
+    m = CLASSES[mode](2, 3, bidirectional=True, dtype=torch.float64, zoneout=0.3).eval()
+    reset = torch.tensor([[0, 0], [1, 0], [0, 1]], dtype=torch.bool)
+    x = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True)
+    names = [n for n, _ in m.named_parameters()]
+
+    def f(x, h0, *ps):
+        with torch.nn.utils.stateless._reparametrize_module(m, dict(zip(names, ps))):
+            y, h = m(x, (h0, h0 * 0.5) if mode == "LSTM" else h0, reset=reset)
+        return (y, *h) if mode == "LSTM" else (y, h)
+
+    assert torch.autograd.gradcheck(f, (x, h0, *m.parameters()), eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_reset_equals_running_episodes_separately(mode):
+    """Row 0 restarts at t = 2: both directions see episodes [0, 2) and [2, 4) as separate runs
+    from h0/c0, and no gradient crosses the reset."""
+    m = _make(mode, num_layers=2, bidirectional=True).eval()
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    hx = _hx(mode, 4)
+    state = hx if mode == "LSTM" else hx[0]
+    reset = torch.zeros(T, B, dtype=torch.bool)
+    reset[2, 0] = True
+    y, h = m(x, state, reset=reset)
+    one = lambda s: tuple(t[:, :1] for t in s) if mode == "LSTM" else s[:, :1]  # noqa: E731
+    y1, h1 = m(x[:2, :1], one(state))
+    y2, h2 = m(x[2:, :1], one(state))
+    assert_close_rel(y[:2, :1], y1, 1e-12, "first episode")
+    assert_close_rel(y[2:, :1], y2, 1e-12, "second episode")
+    # h_n: the forward direction ends with the second episode, the reverse one with the first
+    hs = (h, h1, h2) if mode == "GRU" else (h[0], h1[0], h2[0])
+    assert_close_rel(hs[0][0::2, :1], hs[2][0::2], 1e-12, "h_n forward")
+    assert_close_rel(hs[0][1::2, :1], hs[1][1::2], 1e-12, "h_n reverse")
+    # rows without a reset are untouched
+    y0, _ = m(x[:, 1:], tuple(t[:, 1:] for t in state) if mode == "LSTM" else state[:, 1:])
+    assert_close_rel(y[:, 1:], y0, 1e-12, "other rows")
+    # no gradient across the reset: the second episode's forward half does not see the first's input
+    g, = torch.autograd.grad(y[2:, 0, :H].sum(), x)
+    assert torch.all(g[:2, 0] == 0) and g[2:, 0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_zoneout_eval_equals_the_expectation_formula(mode):
+    p = 0.3
+    m = _make(mode, zoneout=p).eval()
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    hx = tuple(s[0] for s in _hx(mode, 1))
+    y, _ = m(x, tuple(s[None] for s in hx) if mode == "LSTM" else hx[0][None])
+    w = (m.weight_ih_l0, m.weight_hh_l0, m.bias_ih_l0, m.bias_hh_l0, m.ln_ih_weight_l0, m.ln_hh_weight_l0,
+         getattr(m, "ln_c_weight_l0", None), getattr(m, "ln_c_bias_l0", None))
+    state = hx
+    with torch.no_grad():
+        for t in range(T):
+            new = L.ln_cell_step(mode, x[t], state, w)
+            state = (p * state[0] + (1 - p) * new[0],) + tuple(new[1:])   # LSTM: c un-blended
+            assert_close_rel(y[t], state[0], 1e-12, f"step {t}")
+    cell = CELLS[mode](I, H, dtype=torch.float64, zoneout=p).eval()
+    plain = CELLS[mode](I, H, dtype=torch.float64)
+    plain.load_state_dict(cell.state_dict())
+    s = hx if mode == "LSTM" else hx[0]
+    got, new = cell(x[0], s), plain(x[0], s)
+    got, new = (got[0], new[0]) if mode == "LSTM" else (got, new)
+    assert_close_rel(got, p * hx[0] + (1 - p) * new, 1e-12, "cell")
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_fixed_seed_gives_bitwise_identical_results(mode):
+    m = _make(mode, torch.float32, num_layers=2, bidirectional=True, zoneout=0.3, weight_drop=0.4)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    a, b, c = _run_v(m, x, seed=11), _run_v(m, x, seed=11), _run_v(m, x, seed=12)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+    cell = CELLS[mode](I, H, zoneout=0.3, weight_drop=0.4)
+    xc = torch.randn(B, I)
+    torch.manual_seed(4)
+    u = cell(xc)
+    torch.manual_seed(4)
+    v = cell(xc)
+    assert all(torch.equal(s, t) for s, t in zip(u, v)) if mode == "LSTM" else torch.equal(u, v)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_weight_drop_reaches_raw_weights_training_only(mode):
+    m = _make(mode, weight_drop=0.5)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    torch.manual_seed(0)
+    y, _ = m(x)
+    y.sum().backward()
+    g = m.weight_hh_l0.grad
+    assert g is not None and g.abs().sum() > 0
+    assert (g == 0).any()   # the dropped weights get no gradient
+    plain = _twin(m, backend="auto")
+    plain.weight_drop = 0.0
+    m.eval()
+    plain.eval()
+    assert torch.equal(m(x)[0], plain(x)[0])   # eval: no DropConnect
+    cell = CELLS[mode](I, H, dtype=torch.float64, weight_drop=0.5)
+    torch.manual_seed(0)
+    out = cell(torch.randn(B, I, dtype=torch.float64), tuple(s[0] for s in _hx(mode, 1)) if mode == "LSTM"
+               else _hx(mode, 1)[0][0])
+    (out[0] if mode == "LSTM" else out).sum().backward()
+    assert cell.weight_hh.grad.abs().sum() > 0 and (cell.weight_hh.grad == 0).any()
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_cell_variants_match_the_plain_cells_definition(mode):
+    """Cells: reset zeroes those rows' state (no gradient to the hx they replace); zoneout in
+    training keeps h_prev where the mask is set, drawn like the plain cells' mask."""
+    torch.manual_seed(2)
+    cell = CELLS[mode](I, H, dtype=torch.float64, zoneout=0.4)
+    plain = CELLS[mode](I, H, dtype=torch.float64)
+    plain.load_state_dict(cell.state_dict())
+    x = torch.randn(B, I, dtype=torch.float64)
+    hx = tuple(s[0].requires_grad_() for s in _hx(mode, 1))
+    reset = torch.tensor([True, False, True])
+    s = hx if mode == "LSTM" else hx[0]
+    torch.manual_seed(9)
+    got = cell(x, s, reset=reset)
+    zeroed = tuple(torch.where(reset[:, None], 0, t) for t in hx)
+    new = plain(x, zeroed if mode == "LSTM" else zeroed[0])
+    torch.manual_seed(9)
+    keep = fusedrnn.functional.zoneout_mask(0.4, (B, H), x.device)
+    h_got, h_new = (got[0], new[0]) if mode == "LSTM" else (got, new)
+    assert torch.equal(h_got, torch.where(keep, zeroed[0], h_new))
+    if mode == "LSTM":
+        assert torch.equal(got[1], new[1])
+    g, = torch.autograd.grad(h_got.sum(), hx[0])
+    assert torch.all(g[reset] == 0) and g[~reset].abs().sum() > 0
+
+
+def test_variant_arguments_and_repr():
+    m = fusedrnn.LayerNormLSTM(I, H, zoneout=0.1, weight_drop=0.2, backend="torch")
+    assert (m.zoneout, m.weight_drop) == (0.1, 0.2)
+    assert "zoneout=0.1, weight_drop=0.2" in repr(m)
+    assert "zoneout=0.5" in repr(fusedrnn.LayerNormGRUCell(I, H, zoneout=0.5))
+    assert "zoneout" not in repr(fusedrnn.LayerNormGRU(I, H))
+
+
+def _error(fn):
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001
+        return type(exc), str(exc)
+    return None
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_variant_bad_input_raises_like_the_plain_layers(mode):
+    plain_cls = {"LSTM": fusedrnn.LSTM, "GRU": fusedrnn.GRU}[mode]
+    plain_cell = {"LSTM": fusedrnn.LSTMCell, "GRU": fusedrnn.GRUCell}[mode]
+    for arg in ("zoneout", "weight_drop"):
+        for bad in (1.0, -0.1, True, "0.1", None):
+            ours = _error(lambda: CLASSES[mode](I, H, **{arg: bad}))
+            assert ours is not None and ours[0] is ValueError and arg in ours[1]
+            assert ours == _error(lambda: plain_cls(I, H, **{arg: bad}))
+            assert _error(lambda: CELLS[mode](I, H, **{arg: bad})) == _error(lambda: plain_cell(I, H, **{arg: bad}))
+    x = torch.randn(T, B, I)
+    for batch_first in (False, True):
+        good = (B, T) if batch_first else (T, B)
+        bads = [torch.zeros(good[0], good[1] + 1, dtype=torch.bool), torch.zeros(good[::-1], dtype=torch.bool),
+                torch.zeros(good), torch.zeros(good, dtype=torch.bool, device="meta"), [[False] * good[1]] * good[0]]
+        m, p = CLASSES[mode](I, H, batch_first=batch_first), plain_cls(I, H, batch_first=batch_first)
+        xx = x.transpose(0, 1) if batch_first else x
+        for bad in bads:
+            ours = _error(lambda: m(xx, reset=bad))
+            assert ours is not None and issubclass(ours[0], BadInputError) and "reset" in ours[1]
+            assert ours == _error(lambda: p(xx, reset=bad)), (bad, ours)
+    c, pc = CELLS[mode](I, H), plain_cell(I, H)
+    for bad in (torch.zeros(B + 1, dtype=torch.bool), torch.zeros(B), torch.zeros(B, 1, dtype=torch.bool)):
+        ours = _error(lambda: c(torch.randn(B, I), reset=bad))
+        assert ours is not None and "reset" in ours[1] and ours == _error(lambda: pc(torch.randn(B, I), reset=bad))
+    # unbatched input: reset (T,)
+    y, _ = CLASSES[mode](I, H)(x[:, 0], reset=torch.zeros(T, dtype=torch.bool))
+    assert y.shape == (T, H)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kernel", ["stepwise", "persistent"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_variants_on_the_kernels(mode, kernel, triton_device, poisoned):
+    """weight_drop runs on the kernels (only the weights change): fp64 1e-10, fp32 1e-5. zoneout and
+    reset are not in kernels/layernorm.py: backend="triton" raises naming the argument before
+    anything runs, and backend="auto" takes the PyTorch scan where it would pick the kernels."""
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        m = _make(mode, dtype, bidirectional=True, backend="triton", kernel=kernel, weight_drop=0.4)
+        x = torch.randn(T, B, I, dtype=torch.float64)
+        got = _run_v(m, x, packed=dtype == torch.float64)
+        assert m.last_backend == "triton" and m.last_kernels == [kernel]
+        ref = _twin(m, dtype)   # the same dtype: DropConnect's mask is drawn in the weights' dtype
+        want = _run_v(_twin(m), x, packed=dtype == torch.float64) if dtype == torch.float64 else None
+        if want is None:
+            ref64 = _twin(ref)   # fp64 copy of the weights, masks drawn in fp32 like `m`'s
+            torch.manual_seed(7)
+            masks = [fusedrnn.functional.drop_weight(torch.ones(4 * H if mode == "LSTM" else 3 * H, H), 0.4)
+                     for _ in range(2)]
+            ref64.weight_drop = 0.0
+            with torch.no_grad():
+                ref64.weight_hh_l0.mul_(masks[0].double())
+                ref64.weight_hh_l0_reverse.mul_(masks[1].double())
+            want = _run_v(ref64, x)[:3 if mode == "LSTM" else 2]
+            got = got[:len(want)]
+        _compare(got, want, _names(m, hx=False), tol, f"triton {kernel} {dtype} weight_drop")
+    x = torch.randn(T, B, I)
+    for kw, reset, what in ((dict(zoneout=0.2), None, "zoneout"), ({}, RESET, "reset")):
+        m = CLASSES[mode](I, H, backend="triton", kernel=kernel, **kw)
+        with pytest.raises(BackendUnavailableError, match=what):
+            m(x, reset=reset)
+    assert L._variants_ln_route("auto", "triton", 0.2, None) == "loop"
+    assert L._variants_ln_route("auto", "triton", 0.0, RESET) == "loop"
+    assert L._variants_ln_route("auto", "triton", 0.0, None) == "triton"
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_cell_variants_on_the_kernels(mode, triton_device, poisoned):
+    """Cells apply zoneout and reset around the cell op, so they run on the kernels too."""
+    torch.manual_seed(2)
+    cell = CELLS[mode](I, H, dtype=torch.float64, zoneout=0.3, weight_drop=0.3, backend="triton")
+    ref = CELLS[mode](I, H, dtype=torch.float64, zoneout=0.3, weight_drop=0.3, backend="reference")
+    ref.load_state_dict(cell.state_dict())
+    x = torch.randn(B, I, dtype=torch.float64)
+    hx = tuple(s[0] for s in _hx(mode, 1))
+    reset = torch.tensor([False, True, False])
+
+    def run(c):
+        xx = x.clone().requires_grad_()
+        hh = tuple(h.clone().requires_grad_() for h in hx)
+        torch.manual_seed(5)
+        out = c(xx, hh if mode == "LSTM" else hh[0], reset=reset)
+        outs = list(out) if mode == "LSTM" else [out]
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view(o.shape)).sum() for o in outs)
+        return outs + list(torch.autograd.grad(loss, [xx, *hh, *c.parameters()]))
+
+    got = run(cell)
+    assert cell.last_backend == "triton"
+    for i, (g, r) in enumerate(zip(got, run(ref))):
+        assert_close_rel(g, r, 1e-10, f"{mode} cell triton variants [{i}]")
