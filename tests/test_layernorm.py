@@ -645,3 +645,29 @@ def test_cell_variants_on_the_kernels(mode, triton_device, poisoned):
     assert cell.last_backend == "triton"
     for i, (g, r) in enumerate(zip(got, run(ref))):
         assert_close_rel(g, r, 1e-10, f"{mode} cell triton variants [{i}]")
+
+
+def test_variants_compile_fullgraph_one_op_per_layer():
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    fw, bw = [], []
+    backend = aot_autograd(fw_compiler=lambda gm, _: (fw.append(gm), make_boxed_func(gm.forward))[1],
+                           bw_compiler=lambda gm, _: (bw.append(gm), make_boxed_func(gm.forward))[1])
+    torch._dynamo.reset()
+    try:
+        m = _make("LSTM", num_layers=2, bidirectional=True, zoneout=0.3, weight_drop=0.2).eval()
+
+        def f(x):
+            y, (h, c) = m(x, reset=RESET)
+            return y, h, c
+
+        x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+        got = torch.compile(f, backend=backend, fullgraph=True)(x)
+        for g, r in zip(got, f(x)):
+            assert_close_rel(g, r, 1e-12, "compiled variants")
+        sum(o.sum() for o in got).backward()
+        count = lambda gs, n: sum(1 for g in gs for nd in g.graph.nodes  # noqa: E731
+                                  if nd.op == "call_function" and n in str(nd.target))
+        assert count(fw, "fusedrnn.ln_layer.") == 2 and count(bw, "fusedrnn.ln_layer_backward.") == 2
+    finally:
+        torch._dynamo.reset()
