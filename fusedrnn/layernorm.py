@@ -20,6 +20,17 @@ nn.LSTM's state_dict loads unchanged. The LayerNorm gains/biases are extra param
 (cells: the same names without the layer suffix). Gains start at 1, LN biases at 0, the plain
 weights as torch.nn (uniform(−1/√H, 1/√H)).
 
+Variants (issue 12), with the plain layers' semantics and checks (fusedrnn/modules.py's docstring;
+the helpers of fusedrnn.functional): ``zoneout=p`` (LSTM: h only; training: a Bernoulli(p) mask per
+(t, b, unit), every layer's drawn before the first layer runs; eval: p·h_prev + (1 − p)·h_new),
+``weight_drop=p`` (one DropConnect mask per W_hh per call, training only; every route) and
+``forward(..., reset=mask)`` ((T, B), (B, T) with batch_first; the row restarts from h0/c0 before
+the step, no gradient across; the reverse direction restarts at each episode's last step). Cells:
+zoneout and reset (B,) (zeroes those rows' state) around the cell op, on every backend. zoneout and
+reset run in the reference and the PyTorch scan (any device), not in the Triton LayerNorm kernels:
+backend="auto" then takes the PyTorch scan, backend="triton" raises BackendUnavailableError naming
+the argument.
+
 Where each piece runs:
     reference    ln_cell_step / ln_layer_direction / ln_rnn: plain step loop, autograd backward
                  (the oracle; run in float64 by the tests)
@@ -37,9 +48,10 @@ The scan contract (both implementations), shapes as in docs/design.md plus:
     stats  (D, T, B, S)   mean and rstd of that LayerNorm; LSTM also of LN(c') (S = 4, else 2)
     gates  (D, T, B, 4H)  LSTM i, f, g, o; GRU r, z, n, h_n (= LN(W_hn h) γ + b_hn)
     cs     (D, T, B, C)   LSTM c entering the step (C = H), else C = 0
-scan_forward(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save)
+scan_forward(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save[, zoneout, zoneout_p, reset])
     -> y, hn, cn, hp, hw, stats, gates, cs
-scan_backward(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp, hw, stats, gates, cs)
+scan_backward(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp, hw, stats, gates, cs[, zoneout,
+              zoneout_p, reset])
     -> dxg (D, T, B, GH), dhw (D, T, B, GH) (grad of h W_hh^T, before LN), dh0, dc0,
        dg_h (D, R, GH), db_h (D, R, GH) (GRU, else empty), dg_c (D, R, H), db_c (D, R, H) (LSTM,
        else empty): partial sums over time (and over groups of rows: R is any size, the caller
@@ -847,8 +859,11 @@ _LAYER_DOC = """
     Arguments as torch.nn.{base} (input_size, hidden_size, num_layers, bias, batch_first, dropout
     between layers, bidirectional, device, dtype; proj_size only 0), plus ``backend`` ("auto",
     "torch" = the PyTorch scan, "reference", "triton") and ``kernel`` ("auto", "stepwise",
-    "persistent"). Forward as torch.nn.{base}: batched or unbatched input, optional initial
-    state{state}, PackedSequence (sorted or not).
+    "persistent"), and the variants ``zoneout`` and ``weight_drop`` (probabilities in [0, 1),
+    default 0). Forward as torch.nn.{base}: batched or unbatched input, optional initial
+    state{state}, PackedSequence (sorted or not), plus the keyword ``reset`` ((T, B) bool, (B, T)
+    with batch_first): the row restarts from its initial state before that step. zoneout and reset
+    run on the PyTorch scan and the reference, not on the Triton kernels (module docstring).
 
     Parameters per layer k (``_reverse`` suffix for the second direction), G = {G}:
         weight_ih_l{{k}} (G·H, I)   weight_hh_l{{k}} (G·H, H)   bias_ih_l{{k}}, bias_hh_l{{k}} (G·H)
@@ -994,7 +1009,9 @@ class _LayerNormCell(_Backend, nn.RNNCellBase):
 _CELL_DOC = """
 
     Arguments: input_size, hidden_size, bias, device, dtype as torch.nn.{base}, plus ``backend`` and
-    ``kernel`` as the layers. Forward as torch.nn.{base}: input (B, I) or (I,), state{state}.
+    ``kernel`` as the layers, ``zoneout`` / ``weight_drop`` (default 0). Forward as torch.nn.{base}:
+    input (B, I) or (I,), state{state}, plus the keyword ``reset`` ((B,) bool, a scalar for
+    unbatched input): those rows start from the zero state.
     Parameters: weight_ih (G·H, I), weight_hh (G·H, H), bias_ih, bias_hh (G·H): torch.nn's names,
     gate order ({order}) and init; ln_ih_weight (G·H) = γ_ih, ln_hh_weight (G·H) = γ_hh init 1{extra}.
     """
