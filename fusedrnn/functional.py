@@ -145,3 +145,14 @@ def run_layers(mode, x, lengths, hx, weights, *, num_layers, bidirectional, drop
         if dropout > 0 and training and layer < num_layers - 1:
             layer_in = F.dropout(layer_in, dropout, training=True)
     return layer_in, tuple(torch.cat(f) for f in finals)
+
+
+def cell_zoneout(p, training, h_prev, out):
+    """A cell's outputs with zoneout applied to h (out[0]): h' = z·h_prev + (1 − z)·h~, z a fresh
+    Bernoulli(p) mask in training, p in eval (LSTM: h only, c untouched)."""
+    h_new = out[0]
+    if training:
+        h_new = torch.where(zoneout_mask(p, h_new.shape, h_new.device), h_prev, h_new)
+    else:
+        h_new = p * h_prev + (1 - p) * h_new
+    return (h_new,) + tuple(out[1:])

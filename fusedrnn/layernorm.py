@@ -66,15 +66,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence
 
 from . import reference
 from .dispatch import kernels as _triton_package
 from .dispatch import requested_backend, resolve
-from .errors import BackendUnavailableError, InputRankError, InputShapeError, NotATensorError, StateRankError
-from .functional import check_probability, check_reset, drop_recurrent_weights, drop_weight, zoneout_mask
-from .modules import (_FusedRNNBase, _Backend, _autocast_on, _cast_weights, _compute_dtype, _describe,
-                      _initial_states, _no_autocast, _prepare_input)
+from .errors import BackendUnavailableError
+from .functional import cell_zoneout, drop_weight, zoneout_mask
+from .modules import (_FusedRNNBase, _Backend, _autocast_on, _cast_weights, _cell_states, _compute_dtype,
+                      _layer_states, _no_autocast, _pack_output, _prepare_input, _sequence_shape,
+                      _unpack_cell_input, _unpack_input)
 from .spec import BACKENDS, GATES, KERNEL_CHOICES, LOOP_KERNEL, check_choice, work_dtype
 
 log = logging.getLogger("fusedrnn")
@@ -777,43 +777,15 @@ class _LayerNormRNNBase(_FusedRNNBase):
         H = self.hidden_size
         lstm = self.mode == "LSTM"
         weight_dtype = self.weight_ih_l0.dtype
-        packed = isinstance(input, PackedSequence)
-        if packed:
-            x, batch_sizes, sorted_indices, unsorted_indices = input
-            if x.dim() != 2:
-                raise InputShapeError(f"{name}: input.data of a PackedSequence must be 2-D, got {x.dim()}-D")
-            is_batched = True
-        else:
-            if not isinstance(input, Tensor):
-                raise NotATensorError(f"{name}: input must be a Tensor or PackedSequence, got {_describe(input)}")
-            if input.dim() not in (2, 3):
-                raise InputRankError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
-            x, batch_sizes, sorted_indices, unsorted_indices = input, None, None, None
-            is_batched = input.dim() == 3
-            if not is_batched:
-                x = x.unsqueeze(0 if self.batch_first else 1)
+        x, batch_sizes, sorted_indices, unsorted_indices, is_batched = _unpack_input(name, input,
+                                                                                     self.batch_first)
+        packed = batch_sizes is not None
         route = _variants_ln_route(self.backend, _route(self.backend, x.device), self.zoneout, reset)
         dtype = _compute_dtype(x, hx, weight_dtype, self.mode) if _autocast_on(x) else weight_dtype
         x = _prepare_input(x, dtype, weight_dtype, self.input_size)
-        if packed:
-            T = batch_sizes.numel()
-            B = sorted_indices.numel() if sorted_indices is not None else int(batch_sizes[0])
-        else:
-            T, B = (x.shape[1], x.shape[0]) if self.batch_first else (x.shape[0], x.shape[1])
-        if T == 0:
-            raise InputShapeError(f"{name}: input must have a sequence length of at least 1, got 0")
+        T, B = _sequence_shape(name, x, batch_sizes, sorted_indices, self.batch_first)
         shapes = [(self.num_layers * D, B, H)] * (2 if lstm else 1)
-        state_dim = 3 if is_batched else 2
-
-        def check_rank(n, s):
-            if s.dim() != state_dim:
-                kind = "batched 3-D" if is_batched else "unbatched 2-D"
-                raise StateRankError(f"{name}: for {kind} input, {n} should also be {state_dim}-D but got "
-                                     f"{s.dim()}-D tensor")
-
-        states = _initial_states(name, hx, x, dtype, shapes, check_rank, None if is_batched else 1)
-        if hx is not None and sorted_indices is not None:
-            states = [s.index_select(1, sorted_indices) for s in states]
+        states = _layer_states(name, hx, x, dtype, shapes, is_batched, sorted_indices)
         if reset is not None:
             reset = self._reset_mask(reset, T, B, packed, is_batched, x.device, sorted_indices)
         weights = self._layer_weights(dtype)
@@ -842,16 +814,8 @@ class _LayerNormRNNBase(_FusedRNNBase):
             elif self.batch_first:
                 y = y.transpose(0, 1)
         self._record(route, kernels)
-        finals = list(finals)
-        if packed:
-            finals = [f.index_select(1, unsorted_indices) if unsorted_indices is not None else f for f in finals]
-            output = PackedSequence(y, batch_sizes, sorted_indices, unsorted_indices)
-        else:
-            output = y
-            if not is_batched:
-                output = y.squeeze(0 if self.batch_first else 1)
-                finals = [f.squeeze(1) for f in finals]
-        return output, (tuple(finals) if lstm else finals[0])
+        return _pack_output(y, finals, batch_sizes, sorted_indices, unsorted_indices, is_batched,
+                            self.batch_first, lstm)
 
 
 _LAYER_DOC = """
@@ -952,31 +916,13 @@ class _LayerNormCell(_Backend, nn.RNNCellBase):
     def forward(self, input, hx=None, *, reset=None):
         name = type(self).__name__
         lstm = self._mode == "LSTM"
-        if not isinstance(input, Tensor):
-            raise NotATensorError(f"{name}: input must be a Tensor, got {_describe(input)}")
-        if input.dim() not in (1, 2):
-            raise InputRankError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        is_batched = input.dim() == 2
-        x = input if is_batched else input.unsqueeze(0)
+        x, is_batched = _unpack_cell_input(name, input)
         weight_dtype = self.weight_ih.dtype
         route = _route(self.backend, x.device)
         dtype = _compute_dtype(x, hx, weight_dtype, self._mode) if _autocast_on(x) else weight_dtype
         x = _prepare_input(x, dtype, weight_dtype, self.input_size)
         B = x.shape[0]
-
-        def check_rank(n, s):
-            if s.dim() not in (1, 2):
-                raise InputRankError(f"{name}: Expected {n} to be 1D or 2D, got {s.dim()}D instead")
-            if s.dim() != input.dim():
-                raise InputShapeError(f"{name}: {n} must be {input.dim()}-D like input, got {s.dim()}-D")
-
-        shapes = [(B, self.hidden_size)] * (2 if lstm else 1)
-        states = _initial_states(name, hx, x, dtype, shapes, check_rank, None if is_batched else 0)
-        if reset is not None:
-            # rows that restart: the zero state, with no gradient to the hx they replace
-            restart = check_reset(reset, (B,) if is_batched else (), "batch" if is_batched else "a scalar",
-                                  x.device).reshape(B, 1)
-            states = [torch.where(restart, torch.zeros_like(s), s) for s in states]
+        states = _cell_states(name, hx, x, dtype, self.hidden_size, 2 if lstm else 1, is_batched, reset)
         w = [self.weight_ih, self.weight_hh, self.bias_ih if self.bias else None,
              self.bias_hh if self.bias else None, self.ln_ih_weight, self.ln_hh_weight]
         w += [self.ln_c_weight, self.ln_c_bias] if lstm else [None, None]
@@ -992,14 +938,8 @@ class _LayerNormCell(_Backend, nn.RNNCellBase):
                                     num_layers=1, bidirectional=False, dropout=0.0, training=self.training,
                                     route=route, kernel=self.kernel, last_kernels=kernels)[1]
                 out = tuple(o.squeeze(0) for o in out)
-            if self.zoneout > 0:
-                # h' = z h + (1 - z) h~ (LSTM: h only), around the cell op on every backend
-                h_prev, h_new = states[0], out[0]
-                if self.training:
-                    h_new = torch.where(zoneout_mask(self.zoneout, h_new.shape, x.device), h_prev, h_new)
-                else:
-                    h_new = self.zoneout * h_prev + (1 - self.zoneout) * h_new
-                out = (h_new,) + tuple(out[1:])
+            if self.zoneout > 0:  # around the cell op, on every backend
+                out = cell_zoneout(self.zoneout, self.training, states[0], out)
         self._record(route, kernels)
         if not is_batched:
             out = tuple(o.squeeze(0) for o in out)

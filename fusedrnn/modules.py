@@ -45,8 +45,8 @@ from .dispatch import kernels as triton_kernels
 from .dispatch import exporting_torch_ops, onnx_exporting, requested_backend, resolve, triton_problem
 from .errors import (BackendUnavailableError, BadInputError, DtypeMismatchError, HiddenStatePairError,
                      InputRankError, InputShapeError, NotATensorError, StateRankError)
-from .functional import (check_probability, check_reset, check_zoneout_proj, drop_recurrent_weights, drop_weight,
-                         layer_weights, run_layers, zoneout_mask)
+from .functional import (cell_zoneout, check_probability, check_reset, check_zoneout_proj, drop_recurrent_weights,
+                         drop_weight, layer_weights, run_layers)
 from .packed import run_packed
 from .spec import BACKENDS, KERNEL_CHOICES, check_choice
 
@@ -194,6 +194,99 @@ def _initial_states(name, hx, x, dtype, shapes, check_rank, unbatched_dim):
         states = [s.to(dtype) if s.is_floating_point() else s for s in states]
     for n, s, shape in zip(names, states, shapes):
         _check_state(n, s, shape, x, check_dtype=dtype is not None)
+    return states
+
+
+def _unpack_input(name, input, batch_first):
+    """A layer's input as (x, batch_sizes, sorted_indices, unsorted_indices, is_batched): a
+    PackedSequence's fields, or the tensor with unbatched input given its batch dimension."""
+    if isinstance(input, PackedSequence):
+        x, batch_sizes, sorted_indices, unsorted_indices = input
+        if x.dim() != 2:
+            raise InputShapeError(f"input.data of a PackedSequence must be 2-D, got {x.dim()}-D")
+        return x, batch_sizes, sorted_indices, unsorted_indices, True
+    if not isinstance(input, Tensor):
+        raise NotATensorError(f"{name}: input must be a Tensor or PackedSequence, got {_describe(input)}")
+    if input.dim() not in (2, 3):
+        raise InputRankError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
+    is_batched = input.dim() == 3
+    x = input if is_batched else input.unsqueeze(0 if batch_first else 1)
+    return x, None, None, None, is_batched
+
+
+def _sequence_shape(name, x, batch_sizes, sorted_indices, batch_first):
+    """(T, B) of a layer call; a sequence length of 0 raises."""
+    if batch_sizes is not None:
+        # sorted_indices (enforce_sorted=False) gives B without reading batch_sizes' data,
+        # which torch.compile could only trace as a data-dependent value.
+        T = batch_sizes.numel()
+        B = sorted_indices.numel() if sorted_indices is not None else int(batch_sizes[0])
+    else:
+        T, B = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
+    if T == 0:
+        raise InputShapeError(f"{name}: input must have a sequence length of at least 1, got 0")
+    return T, B
+
+
+def _layer_states(name, hx, x, dtype, shapes, is_batched, sorted_indices):
+    """A layer's initial states (_initial_states with a layer's rank rule), rows in the order the
+    layers run (a PackedSequence's sorted order)."""
+    state_dim = 3 if is_batched else 2
+
+    def check_rank(n, s):
+        if s.dim() != state_dim:
+            kind = "batched 3-D" if is_batched else "unbatched 2-D"
+            raise StateRankError(f"For {kind} input, {n} should also be {state_dim}-D but got "
+                                 f"{s.dim()}-D tensor")
+
+    states = _initial_states(name, hx, x, dtype, shapes, check_rank, None if is_batched else 1)
+    if hx is not None and sorted_indices is not None:
+        states = [s.index_select(1, sorted_indices) for s in states]
+    return states
+
+
+def _pack_output(out, finals, batch_sizes, sorted_indices, unsorted_indices, is_batched, batch_first,
+                 is_lstm):
+    """A layer's (output, h_n or (h_n, c_n)) in the caller's form: the inverse of _unpack_input."""
+    finals = list(finals)
+    if batch_sizes is not None:
+        finals = [f.index_select(1, unsorted_indices) if unsorted_indices is not None else f for f in finals]
+        output = PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices)
+    else:
+        output = out
+        if not is_batched:
+            output = out.squeeze(0 if batch_first else 1)
+            finals = [f.squeeze(1) for f in finals]
+    return output, (tuple(finals) if is_lstm else finals[0])
+
+
+def _unpack_cell_input(name, input):
+    """A cell's input as (x with a batch dimension, is_batched)."""
+    if not isinstance(input, Tensor):
+        raise NotATensorError(f"{name}: input must be a Tensor, got {_describe(input)}")
+    if input.dim() not in (1, 2):
+        raise InputRankError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    is_batched = input.dim() == 2
+    return (input if is_batched else input.unsqueeze(0)), is_batched
+
+
+def _cell_states(name, hx, x, dtype, hidden_size, n, is_batched, reset):
+    """A cell's initial states (_initial_states with a cell's rank rule); rows where `reset` is set
+    restart from the zero state, with no gradient to the hx they replace."""
+    B = x.shape[0]
+    input_dim = 2 if is_batched else 1
+
+    def check_rank(name_, s):
+        if s.dim() not in (1, 2):
+            raise InputRankError(f"{name}: Expected {name_} to be 1D or 2D, got {s.dim()}D instead")
+        if s.dim() != input_dim:
+            raise InputShapeError(f"{name}: {name_} must be {input_dim}-D like input, got {s.dim()}-D")
+
+    states = _initial_states(name, hx, x, dtype, [(B, hidden_size)] * n, check_rank, None if is_batched else 0)
+    if reset is not None:
+        restart = check_reset(reset, (B,) if is_batched else (), "batch" if is_batched else "a scalar",
+                              x.device).reshape(B, 1)
+        states = [torch.where(restart, torch.zeros_like(s), s) for s in states]
     return states
 
 
@@ -421,46 +514,15 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
         P = self.proj_size if self.proj_size > 0 else self.hidden_size
         is_lstm = self.mode == "LSTM"
         weight_dtype = self._flat_weights[0].dtype
-        packed = isinstance(input, PackedSequence)
-        if packed:
-            x, batch_sizes, sorted_indices, unsorted_indices = input
-            if x.dim() != 2:
-                raise InputShapeError(f"input.data of a PackedSequence must be 2-D, got {x.dim()}-D")
-            is_batched = True
-        else:
-            if not isinstance(input, Tensor):
-                raise NotATensorError(f"{name}: input must be a Tensor or PackedSequence, got {_describe(input)}")
-            if input.dim() not in (2, 3):
-                raise InputRankError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
-            x, batch_sizes, sorted_indices, unsorted_indices = input, None, None, None
-            is_batched = input.dim() == 3
-            if not is_batched:
-                x = x.unsqueeze(0 if self.batch_first else 1)
+        x, batch_sizes, sorted_indices, unsorted_indices, is_batched = _unpack_input(name, input,
+                                                                                     self.batch_first)
+        packed = batch_sizes is not None
         route = self._variants_route(self._route(x.device), reset)
         dtype, out_dtypes = self._call_dtypes(x, hx, route, self._flat_weights, 2 if is_lstm else 1)
         x = _prepare_input(x, dtype, weight_dtype, self.input_size)
-        if packed:
-            # sorted_indices (enforce_sorted=False) gives B without reading batch_sizes' data,
-            # which torch.compile could only trace as a data-dependent value.
-            T = batch_sizes.numel()
-            B = sorted_indices.numel() if sorted_indices is not None else int(batch_sizes[0])
-        else:
-            T, B = (x.shape[1], x.shape[0]) if self.batch_first else (x.shape[0], x.shape[1])
-        if T == 0:
-            raise InputShapeError(f"{name}: input must have a sequence length of at least 1, got 0")
-
+        T, B = _sequence_shape(name, x, batch_sizes, sorted_indices, self.batch_first)
         shapes = [(self.num_layers * D, B, P)] + ([(self.num_layers * D, B, self.hidden_size)] if is_lstm else [])
-        state_dim = 3 if is_batched else 2
-
-        def check_rank(n, s):
-            if s.dim() != state_dim:
-                kind = "batched 3-D" if is_batched else "unbatched 2-D"
-                raise StateRankError(f"For {kind} input, {n} should also be {state_dim}-D but got "
-                                     f"{s.dim()}-D tensor")
-
-        states = _initial_states(name, hx, x, dtype, shapes, check_rank, None if is_batched else 1)
-        if hx is not None and sorted_indices is not None:
-            states = [s.index_select(1, sorted_indices) for s in states]
+        states = _layer_states(name, hx, x, dtype, shapes, is_batched, sorted_indices)
         if reset is not None:
             reset = self._reset_mask(reset, T, B, packed, is_batched, x.device, sorted_indices)
 
@@ -485,15 +547,8 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
         if out_dtypes is not None:
             out, *finals = (t.to(d) for t, d in zip([out, *finals], out_dtypes))
         self._record(route, kernels, decision)
-        if packed:
-            finals = [f.index_select(1, unsorted_indices) if unsorted_indices is not None else f for f in finals]
-            output = PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices)
-        else:
-            output = out
-            if not is_batched:
-                output = out.squeeze(0 if self.batch_first else 1)
-                finals = [f.squeeze(1) for f in finals]
-        return output, (tuple(finals) if is_lstm else finals[0])
+        return _pack_output(out, finals, batch_sizes, sorted_indices, unsorted_indices, is_batched,
+                            self.batch_first, is_lstm)
 
     def _probe_key(self):
         return (self.mode, self.proj_size > 0)
@@ -714,31 +769,13 @@ class _FusedCell(_Backend):
     def _forward_cell(self, input, hx, weights, reset=None):
         name = self._name
         is_lstm = self._mode == "LSTM"
-        if not isinstance(input, Tensor):
-            raise NotATensorError(f"{name}: input must be a Tensor, got {_describe(input)}")
-        if input.dim() not in (1, 2):
-            raise InputRankError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        is_batched = input.dim() == 2
-        x = input if is_batched else input.unsqueeze(0)
+        x, is_batched = _unpack_cell_input(name, input)
         weight_dtype = weights[0].dtype
         route = self._route(x.device)
         dtype, out_dtypes = self._call_dtypes(x, hx, route, weights, 2 if is_lstm else 1)
         x = _prepare_input(x, dtype, weight_dtype, self.input_size)
         B = x.shape[0]
-
-        def check_rank(n, s):
-            if s.dim() not in (1, 2):
-                raise InputRankError(f"{name}: Expected {n} to be 1D or 2D, got {s.dim()}D instead")
-            if s.dim() != input.dim():
-                raise InputShapeError(f"{name}: {n} must be {input.dim()}-D like input, got {s.dim()}-D")
-
-        shapes = [(B, self.hidden_size)] * (2 if is_lstm else 1)
-        states = _initial_states(name, hx, x, dtype, shapes, check_rank, None if is_batched else 0)
-        if reset is not None:
-            # rows that restart: the zero state, with no gradient to the hx they replace
-            restart = check_reset(reset, (B,) if is_batched else (), "batch" if is_batched else "a scalar",
-                                  x.device).reshape(B, 1)
-            states = [torch.where(restart, torch.zeros_like(s), s) for s in states]
+        states = _cell_states(name, hx, x, dtype, self.hidden_size, 2 if is_lstm else 1, is_batched, reset)
         w = tuple(_cast_weights(weights, dtype))
         if self.weight_drop > 0 and self.training:
             w = (w[0], drop_weight(w[1], self.weight_drop)) + w[2:]
@@ -754,14 +791,8 @@ class _FusedCell(_Backend):
                                  training=self.training, route=route, kernel=self.kernel,
                                  last_kernels=kernels)[1]
                 out = tuple(o.squeeze(0) for o in out)
-            if self.zoneout > 0:
-                # h' = z h + (1 - z) h~ (LSTM: h only)
-                h_prev, h_new = states[0], out[0]
-                if self.training:
-                    h_new = torch.where(zoneout_mask(self.zoneout, h_new.shape, x.device), h_prev, h_new)
-                else:
-                    h_new = self.zoneout * h_prev + (1 - self.zoneout) * h_new
-                out = (h_new,) + tuple(out[1:])
+            if self.zoneout > 0:  # around the cell op, on every backend
+                out = cell_zoneout(self.zoneout, self.training, states[0], out)
         if out_dtypes is not None:
             out = tuple(t.to(d) for t, d in zip(out, out_dtypes))
         self._record(route, kernels)
