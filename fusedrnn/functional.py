@@ -156,3 +156,24 @@ def cell_zoneout(p, training, h_prev, out):
     else:
         h_new = p * h_prev + (1 - p) * h_new
     return (h_new,) + tuple(out[1:])
+
+
+def to_padded(x, batch_sizes, B, T, batch_first):
+    """A layer's input as padded time-major (T, B, I), with its lengths and, for packed input, the
+    flat positions of the packed rows (for from_padded). Packed data is ordered time-major with the
+    live rows of each step first: exactly the order of the True entries of the (T, B) mask below; a
+    stable argsort finds their flat positions with a static shape (N = rows of packed data), which
+    torch.compile traces."""
+    if batch_sizes is None:
+        return (x.transpose(0, 1) if batch_first else x), None, None
+    mask = (torch.arange(B)[None, :] < batch_sizes[:, None]).to(x.device)
+    rows = torch.argsort((~mask).flatten().to(torch.uint8), stable=True)[:x.shape[0]]
+    padded = x.new_zeros(T * B, x.shape[-1]).index_copy(0, rows, x).view(T, B, -1)
+    return padded, mask.sum(0), rows
+
+
+def from_padded(y, rows, batch_first):
+    """The stack's padded time-major output in the input's layout (inverse of to_padded)."""
+    if rows is not None:
+        return y.reshape(-1, y.shape[-1]).index_select(0, rows)
+    return y.transpose(0, 1) if batch_first else y

@@ -71,7 +71,7 @@ from . import reference
 from .dispatch import kernels as _triton_package
 from .dispatch import requested_backend, resolve
 from .errors import BackendUnavailableError
-from .functional import cell_zoneout, drop_weight, zoneout_mask
+from .functional import cell_zoneout, drop_weight, from_padded, to_padded, zoneout_mask
 from .modules import (_FusedRNNBase, _Backend, _autocast_on, _cast_weights, _cell_states, _compute_dtype,
                       _layer_states, _no_autocast, _pack_output, _prepare_input, _sequence_shape,
                       _unpack_cell_input, _unpack_input)
@@ -793,26 +793,14 @@ class _LayerNormRNNBase(_FusedRNNBase):
             # one DropConnect mask per W_hh per call (in the order of drop_recurrent_weights)
             weights = [(w[0], drop_weight(w[1], self.weight_drop)) + tuple(w[2:]) for w in weights]
         with _no_autocast(x):
-            lengths = None
-            if packed:
-                # packed data is time-major with each step's live rows first: the True entries of
-                # this (T, B) mask, in order (a static-shape argsort, which torch.compile traces)
-                mask = (torch.arange(B)[None, :] < batch_sizes[:, None]).to(x.device)
-                lengths = mask.sum(0)
-                rows = torch.argsort((~mask).flatten().to(torch.uint8), stable=True)[:x.shape[0]]
-                x = x.new_zeros(T * B, x.shape[-1]).index_copy(0, rows, x).view(T, B, -1)
-            elif self.batch_first:
-                x = x.transpose(0, 1)
+            x, lengths, rows = to_padded(x, batch_sizes, B, T, self.batch_first)
             kernels = []
             run = "reference" if not packed and B == 0 else route
             y, finals = run_ln_layers(self.mode, x, lengths, tuple(states), weights, num_layers=self.num_layers,
                                       bidirectional=self.bidirectional, dropout=self.dropout,
                                       training=self.training, route=run, kernel=self.kernel, last_kernels=kernels,
                                       zoneout=self.zoneout, reset=reset)
-            if packed:
-                y = y.reshape(T * B, -1).index_select(0, rows)
-            elif self.batch_first:
-                y = y.transpose(0, 1)
+            y = from_padded(y, rows, self.batch_first)
         self._record(route, kernels)
         return _pack_output(y, finals, batch_sizes, sorted_indices, unsorted_indices, is_batched,
                             self.batch_first, lstm)

@@ -46,7 +46,7 @@ from .dispatch import exporting_torch_ops, onnx_exporting, requested_backend, re
 from .errors import (BackendUnavailableError, BadInputError, DtypeMismatchError, HiddenStatePairError,
                      InputRankError, InputShapeError, NotATensorError, StateRankError)
 from .functional import (cell_zoneout, check_probability, check_reset, check_zoneout_proj, drop_recurrent_weights,
-                         drop_weight, layer_weights, run_layers)
+                         drop_weight, from_padded, layer_weights, run_layers, to_padded)
 from .packed import run_packed
 from .spec import BACKENDS, KERNEL_CHOICES, check_choice
 
@@ -633,17 +633,7 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
                                        labels=call.labels(("output", "h_n", "c_n")[:1 + n]))
 
     def _run_padded(self, x, batch_sizes, states, flat, route, B, T, kernel="auto", reset=None):
-        lengths = None
-        if batch_sizes is not None:
-            # Packed data is ordered time-major with the live rows of each step first: exactly the
-            # order of the True entries of this (T, B) mask. A stable argsort finds their flat
-            # positions with a static shape (N = rows of packed data), which torch.compile traces.
-            mask = (torch.arange(B)[None, :] < batch_sizes[:, None]).to(x.device)
-            lengths = mask.sum(0)
-            rows = torch.argsort((~mask).flatten().to(torch.uint8), stable=True)[:x.shape[0]]
-            x = x.new_zeros(T * B, x.shape[-1]).index_copy(0, rows, x).view(T, B, -1)
-        elif self.batch_first:
-            x = x.transpose(0, 1)
+        x, lengths, rows = to_padded(x, batch_sizes, B, T, self.batch_first)
         weights = layer_weights(flat, self.num_layers, 2 if self.bidirectional else 1, self.bias,
                                 self.proj_size > 0)
         kernels = []
@@ -653,11 +643,7 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
                                num_layers=self.num_layers, bidirectional=self.bidirectional,
                                dropout=self.dropout, training=self.training, route=run,
                                kernel=kernel, last_kernels=kernels, zoneout=self.zoneout, reset=reset)
-        if batch_sizes is not None:
-            y = y.reshape(T * B, -1).index_select(0, rows)
-        elif self.batch_first:
-            y = y.transpose(0, 1)
-        return y, list(finals), kernels
+        return from_padded(y, rows, self.batch_first), list(finals), kernels
 
 
 def _reject_proj_size(kwargs):
