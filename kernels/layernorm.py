@@ -36,7 +36,7 @@ import triton.language as tl
 from fusedrnn.spec import GATES, TRITON_KERNELS, check_choice, work_dtype
 
 from .activations import sigmoid, tanh
-from .common import bwd_dh_carry, load_gate_weights, load_gates, mdot, row_time, store_gates, wload
+from .common import bwd_dh_carry, load_gate_weights, load_gates, mdot, row_time, store_gates, unit_tile, wload
 from .common import dot_gates
 from .gru import gru_bwd, gru_fwd
 from .launch import Launch, check_float, check_tensor, new, resolve, run
@@ -169,13 +169,9 @@ def ln_fwd_kernel(
     LSTM: tl.constexpr = MODE == "LSTM"
     S: tl.constexpr = 4 if MODE == "LSTM" else 2
     pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1)
     GH = G * H
-    offs_j = tl.arange(0, BLOCK_H)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask_j = offs_j < H
-    mask_b = offs_b < B
-    mask_jb = mask_j[:, None] & mask_b[None, :]
+    # the grid has no unit axis (program_id(2) = 0): BLOCK_H >= H covers every unit of a row
+    offs_j, offs_b, _, mask_j, mask_b, mask_jb = unit_tile(B, H, BLOCK_B, BLOCK_H, BLOCK_K)
     o_own = offs_b[None, :] * H + offs_j[:, None]
     gh_0, gh_1, gh_2, gh_3 = load_gates(p_gh + pid_d * GH + offs_j, H, mask_j, G, CDT)
     if HAS_HB:
@@ -314,13 +310,9 @@ def ln_bwd_kernel(
     LSTM: tl.constexpr = MODE == "LSTM"
     S: tl.constexpr = 4 if MODE == "LSTM" else 2
     pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1)
     GH = G * H
-    offs_j = tl.arange(0, BLOCK_H)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask_j = offs_j < H
-    mask_b = offs_b < B
-    mask_jb = mask_j[:, None] & mask_b[None, :]
+    # the grid has no unit axis (program_id(2) = 0): BLOCK_H >= H covers every unit of a row
+    offs_j, offs_b, _, mask_j, mask_b, mask_jb = unit_tile(B, H, BLOCK_B, BLOCK_H, BLOCK_K)
     o_own = offs_b[None, :] * H + offs_j[:, None]
     o_row = offs_b[None, :] * GH + offs_j[:, None]
     gh_0, gh_1, gh_2, gh_3 = load_gates(p_gh + pid_d * GH + offs_j, H, mask_j, G, CDT)
