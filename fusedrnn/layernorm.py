@@ -32,7 +32,7 @@ backend="auto" then takes the PyTorch scan, backend="triton" raises BackendUnava
 the argument.
 
 Where each piece runs:
-    reference    ln_cell_step / ln_layer_direction / ln_rnn: plain step loop, autograd backward
+    reference    ln_cell_step / ln_rnn (fusedrnn.reference's loop with this cell), autograd backward
                  (the oracle; run in float64 by the tests)
     "loop"       scan_forward / scan_backward below: the scan contract in PyTorch, hand-written
                  backward; the CPU default (backend "auto" / "torch" on CPU) and what torch.compile
@@ -118,64 +118,16 @@ def ln_cell_step(mode, x, state, weights):
     return (ln_gru_cell(x, state[0], w_ih, w_hh, b_ih, b_hh, g_ih, g_hh),)
 
 
-def ln_layer_direction(mode, x, state, weights, lengths=None, reverse=False, zoneout=None, reset=None):
-    """One direction of one layer over a padded (T, B, I) sequence; the same length and variant
-    semantics as fusedrnn.reference.layer_direction (zoneout: None, the eval p or a (T, B, H) bool
-    mask indexed by time; reset: None or this direction's (T, B) mask, reference.reset_for_direction).
-    Returns y (T, B, H) and the final state tuple."""
-    T, B = x.shape[0], x.shape[1]
-    if lengths is None:
-        lengths = torch.full((B,), T, dtype=torch.long, device=x.device)
-    initial = state
-    if reverse:
-        idx = reference.reverse_index(lengths, T)
-        x = x.gather(0, idx[:, :, None].expand_as(x))
-        if isinstance(zoneout, Tensor):
-            zoneout = zoneout.gather(0, idx[:, :, None].expand_as(zoneout))
-        if reset is not None:
-            reset = reset.gather(0, idx)
-    ys = []
-    for t in range(T):
-        if reset is not None:
-            restart = (reset[t] & (t < lengths))[:, None]
-            state = tuple(torch.where(restart, s0, s) for s0, s in zip(initial, state))
-        new_state = ln_cell_step(mode, x[t], state, weights)
-        if zoneout is not None:
-            z = zoneout[t].to(x.dtype) if isinstance(zoneout, Tensor) else zoneout
-            new_state = (z * state[0] + (1 - z) * new_state[0],) + tuple(new_state[1:])
-        alive = (t < lengths)[:, None]
-        state = tuple(torch.where(alive, n, s) for n, s in zip(new_state, state))
-        ys.append(torch.where(alive, new_state[0], torch.zeros_like(new_state[0])))
-    y = torch.stack(ys)
-    if reverse:
-        y = y.gather(0, idx[:, :, None].expand_as(y))
-    return y, state
-
-
 def ln_rnn(mode, x, hx, layer_weights, num_layers, bidirectional, lengths=None, dropout=0.0, training=False,
            zoneout=None, reset=None):
     """The whole stack, time-major: x (T, B, I), hx (h0,) or (h0, c0) of (L*D, B, H), layer_weights
     one 8-tuple per (layer, direction). zoneout: None or per layer None, the eval p or a (D, T, B, H)
-    mask; reset: None or the user's (T, B) mask (as fusedrnn.reference.rnn). Returns y (T, B, D*H)
-    and the tuple of final states."""
-    D = 2 if bidirectional else 1
-    finals = []
-    layer_in = x
-    for layer in range(num_layers):
-        outs = []
-        for d in range(D):
-            k = layer * D + d
-            z = zoneout[layer] if zoneout is not None else None
-            z = z[d] if isinstance(z, Tensor) else z
-            r = reference.reset_for_direction(reset, lengths, d == 1) if reset is not None else None
-            y, final = ln_layer_direction(mode, layer_in, tuple(s[k] for s in hx), layer_weights[k],
-                                          lengths, reverse=d == 1, zoneout=z, reset=r)
-            outs.append(y)
-            finals.append(final)
-        layer_in = torch.cat(outs, dim=-1)
-        if dropout > 0 and training and layer < num_layers - 1:
-            layer_in = F.dropout(layer_in, dropout, training=True)
-    return layer_in, tuple(torch.stack([f[i] for f in finals]) for i in range(len(hx)))
+    mask; reset: None or the user's (T, B) mask. The plain reference's stack and length / variant
+    semantics (fusedrnn.reference.rnn) with the LayerNorm cell. Returns y (T, B, D*H) and the
+    tuple of final states."""
+    y, finals = reference.rnn(mode, x, hx, layer_weights, num_layers, bidirectional, lengths, dropout,
+                              training, zoneout=zoneout, reset=reset, step=ln_cell_step)
+    return y, (finals if isinstance(finals, tuple) else (finals,))
 
 
 # ====================================================== the scan in PyTorch (hand-written backward)
@@ -959,4 +911,4 @@ class LayerNormGRUCell(_LayerNormCell):
 
 
 __all__ = ["LayerNormLSTM", "LayerNormGRU", "LayerNormLSTMCell", "LayerNormGRUCell", "ln_rnn", "ln_cell_step",
-           "ln_layer_direction", "scan_forward", "scan_backward", "run_ln_layers"]
+           "scan_forward", "scan_backward", "run_ln_layers"]

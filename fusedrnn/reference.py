@@ -90,7 +90,8 @@ def reset_for_direction(reset, lengths, reverse):
     return shifted
 
 
-def layer_direction(mode, x, state, weights, lengths=None, reverse=False, zoneout=None, reset=None):
+def layer_direction(mode, x, state, weights, lengths=None, reverse=False, zoneout=None, reset=None,
+                    step=None):
     """One direction of one layer over a (possibly padded) sequence.
 
     x: (T, B, I); state: (h0,) or (h0, c0); lengths: (B,) int64 or None (all T).
@@ -98,9 +99,11 @@ def layer_direction(mode, x, state, weights, lengths=None, reverse=False, zoneou
     there are zero. The reverse direction starts at each sequence's own last element.
     zoneout: None, a float p (eval: the blend weight of h_{t-1}) or a (T, B, P) mask (training),
     indexed by time; reset: None or this direction's (T, B) bool mask (reset_for_direction),
-    indexed by time. See the module docstring.
+    indexed by time. See the module docstring. step(mode, x_t, state, weights) -> new state tuple
+    is the cell (default cell_step; fusedrnn.layernorm passes its LayerNorm cell).
     Returns y: (T, B, P) and the final state tuple.
     """
+    step = step or cell_step
     T, B = x.shape[0], x.shape[1]
     if lengths is None:
         lengths = torch.full((B,), T, dtype=torch.long, device=x.device)
@@ -120,7 +123,7 @@ def layer_direction(mode, x, state, weights, lengths=None, reverse=False, zoneou
         if reset is not None:
             restart = (reset[t] & (t < lengths))[:, None]
             state = tuple(torch.where(restart, s0, s) for s0, s in zip(initial, state))
-        new_state = cell_step(mode, x[t], state, weights)
+        new_state = step(mode, x[t], state, weights)
         if zoneout is not None:
             z = zoneout[t].to(x.dtype) if isinstance(zoneout, torch.Tensor) else zoneout
             h_new = z * state[0] + (1 - z) * new_state[0]
@@ -134,14 +137,15 @@ def layer_direction(mode, x, state, weights, lengths=None, reverse=False, zoneou
 
 
 def rnn(mode, x, hx, layer_weights, num_layers, bidirectional, lengths=None, dropout=0.0,
-        training=False, zoneout=None, reset=None):
+        training=False, zoneout=None, reset=None, step=None):
     """A whole multi-layer, optionally bidirectional RNN, time-major.
 
     x: (T, B, I); hx: h0 of shape (L*D, B, P), or (h0, c0) for LSTM with c0 (L*D, B, H);
     layer_weights[l * D + d] = (w_ih, w_hh, b_ih, b_hh, w_hr) with None for absent tensors.
     Dropout is applied to each layer's output except the last, in training only.
     zoneout: None, or per layer (a list of num_layers) None, a float p or a (D, T, B, P) mask;
-    reset: None or the user's (T, B) bool mask (every layer restarts from its own h0/c0).
+    reset: None or the user's (T, B) bool mask (every layer restarts from its own h0/c0);
+    step: the cell (see layer_direction).
     Returns y: (T, B, D*P) and h_n (or (h_n, c_n)).
     """
     D = 2 if bidirectional else 1
@@ -156,7 +160,8 @@ def rnn(mode, x, hx, layer_weights, num_layers, bidirectional, lengths=None, dro
             z = z[d] if isinstance(z, torch.Tensor) else z
             r = reset_for_direction(reset, lengths, d == 1) if reset is not None else None
             y, final = layer_direction(mode, layer_in, tuple(s[k] for s in states),
-                                       layer_weights[k], lengths, reverse=d == 1, zoneout=z, reset=r)
+                                       layer_weights[k], lengths, reverse=d == 1, zoneout=z, reset=r,
+                                       step=step)
             outs.append(y)
             finals.append(final)
         layer_in = torch.cat(outs, dim=-1)
