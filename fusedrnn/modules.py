@@ -586,15 +586,18 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
         test switch $FUSEDRNN_TUNE_CPU=1 with the interpreter), and calls the oracle cannot check
         (autocast, dropout between layers in training, gradients in eval mode: cuDNN has no
         backward there)."""
+        # the device first: on the CPU default path this costs one comparison and one lookup
+        device = x.device
+        if device.type == "cuda":
+            if route != "triton":
+                return None
+        elif device.type != "cpu" or os.environ.get("FUSEDRNN_TUNE_CPU") != "1":
+            return None
         if (requested_backend(self.backend) != "auto" or self.kernel != "auto"
                 or os.environ.get("FUSEDRNN_KERNEL", "").strip() not in ("", "auto") or not tune.enabled()):
             return None
-        device = x.device
-        if device.type == "cuda":
-            if route != "triton" or not torch.backends.cudnn.is_acceptable(x):
-                return None
-        elif not (device.type == "cpu" and os.environ.get("FUSEDRNN_TUNE_CPU") == "1"
-                  and triton_problem(device) is None):
+        if (triton_problem(device) is not None if device.type == "cpu"
+                else not torch.backends.cudnn.is_acceptable(x)):
             return None
         if dtype is None or _autocast_on(x) or (self.dropout > 0 and self.training and self.num_layers > 1):
             return None
