@@ -5,7 +5,6 @@ float64 layers). Gate order r, z, n as torch.nn.GRU; hh_n = W_hn h + b_hn is kep
 because n = tanh(x_n + r * hh_n), and it is saved for the backward (dr needs it).
 """
 import triton
-import triton.language as tl
 
 from .activations import sigmoid, tanh
 

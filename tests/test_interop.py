@@ -137,3 +137,17 @@ def test_weights_only_still_rejects_what_is_not_allowlisted(tmp_path):
     torch.save(model, path)
     with pytest.raises(pickle.UnpicklingError, match="Tagger"):
         torch.load(path)  # the user's own class was not allowlisted
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("name", ["GRU", "LSTMCell"])
+def test_convert_parametrized_module_on_the_triton_kernels(name, triton_device):
+    """A weight_norm'd module converted to backend="triton" runs the kernels with the
+    parametrized weight (read once per call) and matches torch.nn's."""
+    tensor = "weight_hh" + ("" if name.endswith("Cell") else "_l0")
+    ref = weight_norm(getattr(nn, name)(3, 4, dtype=torch.float64), tensor)
+    src = weight_norm(getattr(nn, name)(3, 4, dtype=torch.float64), tensor)
+    src.load_state_dict(ref.state_dict())
+    twin = fusedrnn.convert(src, backend="triton")
+    assert_close_rel(_call(twin), _call(ref), 1e-10, name)
+    assert twin.last_backend == "triton" and parametrize.is_parametrized(twin, tensor)

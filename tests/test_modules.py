@@ -871,3 +871,16 @@ def test_cell_cuda_default_backend(kind):
     r = run_with_grads(ref, [x, h, c], cell_call)
     g = run_with_grads(got, [None if t is None else t.float().cuda() for t in (x, h, c)], cell_call)
     _assert_cuda_matches_cpu64(r, g, f"{kind} cuda")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH", "LSTMCell", "GRUCell"])
+def test_autocast_bf16_triton_backend(kind, triton_device):
+    """Autocast parity on the Triton kernels (through the interpreter on CPU): torch.nn's output
+    dtypes on this machine, values within bf16 tolerance of torch.nn's."""
+    name, kw = (LAYER_KINDS[kind][:2] if kind in LAYER_KINDS else CELL_KINDS[kind])
+    ref, got = make_twin_pair(name, I, H, dtype=torch.float32, backend="triton", **kw)
+    layer = name in ("LSTM", "GRU", "RNN")
+    x = torch.randn((T, B, I) if layer else (B, I))
+    _autocast_like_torch(ref, got, x, None, kind)
+    assert got.last_backend == "triton"
