@@ -5,6 +5,7 @@ float64 layers). Gate order r, z, n as torch.nn.GRU; hh_n = W_hn h + b_hn is kep
 because n = tanh(x_n + r * hh_n), and it is saved for the backward (dr needs it).
 """
 import triton
+import triton.language as tl  # noqa: F401  (the interpreter requires it in a jit function's globals)
 
 from .activations import sigmoid, tanh
 
