@@ -45,6 +45,10 @@ def table_rows(records):
         note = r["note"] or ""
         if r["status"] == "error":
             note = "ERROR " + note
+        if r.get("kept") is not None and r["kept"] < 1:
+            # how much of the run the band dropped: a low fraction says the machine was contended
+            note = (f"kept {r['kept']:.0%} (all {r['all_median_ms']:.3g} ms)"
+                    + (f"; {note}" if note else ""))
         if r.get("tuning_ms") is not None:
             note = f"tuned in {r['tuning_ms']:.0f} ms" + (f"; {note}" if note else "")
         rows.append((r["cell"], r["dtype"], r["pass"], r["seq"], r["batch"], r["input"],
@@ -66,10 +70,16 @@ def method_lines(env):
     if m.get("clock") == "cuda-events":
         return [f"- timing: triton.testing.do_bench (CUDA events), {m.get('rep_ms')} ms per "
                 "measurement after 2 warm-up calls (compilation excluded); median, p20, p80"]
+    band = m.get("band")
+    kept = ("median, p20, p80 of every call" if band is None else
+            f"median, p20, p80 of the uncontended calls, those within {band:g}x the provider's "
+            "fastest call (on a VM sharing its cores with other guests, calls alternate between full "
+            "speed and about half of it; the median of all calls and the kept fraction are in the "
+            "JSON)")
     lines = [f"- timing: {m.get('clock_text')}; {m.get('threads')} torch thread(s); providers "
              f"interleaved call by call (rotating who goes first); repetitions from a budget of "
              f"{m.get('budget_s'):g} s per provider and point (min {m.get('min_reps')}, max "
-             f"{m.get('max_reps')}) after 2 warm-up calls; median, p20, p80"]
+             f"{m.get('max_reps')}) after 2 warm-up calls; {kept}"]
     lines.append(f"- load watched per point: a point is measured again (up to {m.get('retries')} "
                  f"times) while the 1-minute load average exceeds {m.get('max_load'):g} or the timed "
                  f"calls' wall time exceeds {m.get('max_stretch'):g}x their CPU time, and each "
