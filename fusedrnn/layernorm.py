@@ -26,10 +26,9 @@ the helpers of fusedrnn.functional): ``zoneout=p`` (LSTM: h only; training: a Be
 ``weight_drop=p`` (one DropConnect mask per W_hh per call, training only; every route) and
 ``forward(..., reset=mask)`` ((T, B), (B, T) with batch_first; the row restarts from h0/c0 before
 the step, no gradient across; the reverse direction restarts at each episode's last step). Cells:
-zoneout and reset (B,) (zeroes those rows' state) around the cell op, on every backend. zoneout and
-reset run in the reference and the PyTorch scan (any device), not in the Triton LayerNorm kernels:
-backend="auto" then takes the PyTorch scan, backend="triton" raises BackendUnavailableError naming
-the argument.
+zoneout and reset (B,) (zeroes those rows' state) around the cell op, on every backend. Layers: zoneout and
+reset run on every route (the reference, the PyTorch scan, and the Triton LayerNorm kernels, which
+carry them as constexpr ZONEOUT / RESET paths like the plain kernels).
 
 Where each piece runs:
     reference    ln_cell_step / ln_rnn (fusedrnn.reference's loop with this cell), autograd backward
@@ -69,7 +68,7 @@ from torch import Tensor, nn
 
 from . import reference
 from .dispatch import kernels as _triton_package
-from .dispatch import requested_backend, resolve
+from .dispatch import resolve
 from .errors import BackendUnavailableError
 from .functional import cell_zoneout, drop_weight, from_padded, to_padded, zoneout_mask
 from .modules import (_FusedRNNBase, _Backend, _autocast_on, _cast_weights, _cell_states, _compute_dtype,
@@ -408,14 +407,11 @@ def _variant_kwargs(zoneout, zoneout_p, reset):
 def _scan(kernel, allow_tf32, mode, x, w_hh, variants=None):
     if kernel == LOOP_KERNEL:
         return scan_forward, scan_backward, dict(variants or {})
-    if variants:
-        raise _variants_unavailable(variants.get("zoneout") is not None or variants.get("zoneout_p"),
-                                    variants.get("reset") is not None)
     if kernel == "auto":
         D, GH, H = w_hh.shape
         kernel = choose_kernel("triton", "auto", mode, D, x.shape[1], H, x.dtype, x.device)
     k = triton_kernels()
-    return k.ln_scan_forward, k.ln_scan_backward, {"kernel": kernel, "allow_tf32": allow_tf32}
+    return k.ln_scan_forward, k.ln_scan_backward, {"kernel": kernel, "allow_tf32": allow_tf32, **(variants or {})}
 
 
 def _input_side(x, w_ih):
@@ -586,8 +582,6 @@ def run_ln_layers(mode, x, lengths, hx, weights, *, num_layers, bidirectional, d
     if route == "reference":
         return ln_rnn(mode, x, hx, weights, num_layers, bidirectional, lengths, dropout, training,
                       zoneout=zoneouts if zoneout > 0 else None, reset=reset)
-    if route == "triton" and (zoneout > 0 or reset is not None):
-        raise _variants_unavailable(zoneout > 0, reset is not None)
     resets = None
     if reset is not None:
         resets = torch.stack([reference.reset_for_direction(reset, lengths, d == 1) for d in range(D)])
@@ -624,26 +618,6 @@ def run_ln_layers(mode, x, lengths, hx, weights, *, num_layers, bidirectional, d
         if dropout > 0 and training and layer < num_layers - 1:
             layer_in = F.dropout(layer_in, dropout, training=True)
     return layer_in, tuple(torch.cat(f) for f in finals)
-
-
-def _variants_unavailable(zoneout, reset):
-    """The error of a Triton LayerNorm layer asked for zoneout / reset (kernels/layernorm.py does
-    not implement them yet; the PyTorch scan and the reference do)."""
-    what = " and ".join(n for n, on in (("zoneout", zoneout), ("reset", reset)) if on)
-    return BackendUnavailableError(
-        f"{what} on a LayerNorm layer is not implemented in the Triton LayerNorm kernels "
-        "(kernels/layernorm.py); use backend='auto' or 'torch' (the PyTorch scan, any device) or 'reference'")
-
-
-def _variants_ln_route(backend, route, zoneout, reset):
-    """The route of a LayerNorm layer call with zoneout or reset: the Triton kernels cannot run
-    them, so backend="auto" takes the PyTorch scan ("loop") instead and an explicit
-    backend="triton" raises BackendUnavailableError naming the argument."""
-    if route != "triton" or (zoneout == 0 and reset is None):
-        return route
-    if requested_backend(backend) == "triton":
-        raise _variants_unavailable(zoneout > 0, reset is not None)
-    return "loop"
 
 
 def _route(backend, device):
@@ -732,7 +706,7 @@ class _LayerNormRNNBase(_FusedRNNBase):
         x, batch_sizes, sorted_indices, unsorted_indices, is_batched = _unpack_input(name, input,
                                                                                      self.batch_first)
         packed = batch_sizes is not None
-        route = _variants_ln_route(self.backend, _route(self.backend, x.device), self.zoneout, reset)
+        route = _route(self.backend, x.device)
         dtype = _compute_dtype(x, hx, weight_dtype, self.mode) if _autocast_on(x) else weight_dtype
         x = _prepare_input(x, dtype, weight_dtype, self.input_size)
         T, B = _sequence_shape(name, x, batch_sizes, sorted_indices, self.batch_first)
@@ -767,7 +741,7 @@ _LAYER_DOC = """
     default 0). Forward as torch.nn.{base}: batched or unbatched input, optional initial
     state{state}, PackedSequence (sorted or not), plus the keyword ``reset`` ((T, B) bool, (B, T)
     with batch_first): the row restarts from its initial state before that step. zoneout and reset
-    run on the PyTorch scan and the reference, not on the Triton kernels (module docstring).
+    run on every route, the Triton kernels included (module docstring).
 
     Parameters per layer k (``_reverse`` suffix for the second direction), G = {G}:
         weight_ih_l{{k}} (G·H, I)   weight_hh_l{{k}} (G·H, H)   bias_ih_l{{k}}, bias_hh_l{{k}} (G·H)

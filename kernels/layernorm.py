@@ -36,11 +36,12 @@ import triton.language as tl
 from fusedrnn.spec import GATES, TRITON_KERNELS, check_choice, work_dtype
 
 from .activations import sigmoid, tanh
-from .common import bwd_dh_carry, load_gate_weights, load_gates, mdot, row_time, store_gates, unit_tile, wload
-from .common import dot_gates
+from .common import (bwd_dh_carry, divert_restart, dot_gates, load_gate_weights, load_gates, mdot, restart_rows,
+                     row_time, store_gates, unit_tile, wload, zoneout_weight)
 from .gru import gru_bwd, gru_fwd
 from .launch import Launch, check_float, check_tensor, new, resolve, run
 from .plan import _clamp_block, _np2, device_limits, dot_precision, persistent_plan
+from .scan import _variant_args, _zoneout
 
 LN_EPS = tl.constexpr(1e-5)
 LN_MODES = ("LSTM", "GRU")
@@ -110,19 +111,34 @@ def accumulate(p, mask, first, v):
         tl.store(p, tl.load(p, mask=mask, other=0.0) + v, mask=mask)
 
 
+@triton.jit
+def state_in(p_init, p_cur, o, mask, s, rst2, RESET: tl.constexpr, CDT: tl.constexpr):
+    """The state entering step s at offsets o: the initial one (p_init, the layer's dtype) at s = 0
+    and in the rows that restart here (rst2, RESET), else the carried one (p_cur, work dtype)."""
+    if s == 0:
+        v = tl.load(p_init + o, mask=mask, other=0.0).to(CDT)
+    else:
+        v = tl.load(p_cur + o, mask=mask, other=0.0)
+        if RESET:
+            v = tl.where(rst2, tl.load(p_init + o, mask=mask & rst2, other=0.0).to(CDT), v)
+    return v
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
 
+@triton.heuristics({"HAS_LEN": _given("p_len"), "RESET": _given("p_reset")})
 @triton.jit(do_not_specialize=["s"])
 def ln_hw_kernel(
-    p_h0, p_hst, p_whh, p_hwbuf,
-    s, B, H, D,
+    p_h0, p_hst, p_whh, p_hwbuf, p_len, p_reset,
+    s, T, B, H, D,
     G: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, HAS_LEN: tl.constexpr, RESET: tl.constexpr,
 ):
     """Stepwise forward, step s: hwbuf = h_s W_hh^T for BLOCK_M of the GH weight rows and BLOCK_B
-    rows (grid (D, B tiles, GH tiles)); h_s is h0 at s = 0, else the state slot s % 2."""
+    rows (grid (D, B tiles, GH tiles)); h_s is h0 at s = 0 and in restarting rows, else the state
+    slot s % 2. p_len only serves RESET (row times)."""
     tl.static_assert(BLOCK_B >= 16 and BLOCK_M >= 16 and BLOCK_K >= 16, "tl.dot needs tiles >= 16")
     CDT = p_hwbuf.dtype.element_ty
     pid_d = tl.program_id(0)
@@ -132,33 +148,36 @@ def ln_hw_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < GH
     mask_b = offs_b < B
+    rst2 = None
+    if RESET:
+        t, live = row_time(s, T, offs_b, mask_b, p_len, pid_d == 1, HAS_LEN)
+        rst2 = restart_rows(p_reset, pid_d, t, live, offs_b, T, B)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_B), dtype=CDT)
     p_w = p_whh + pid_d * GH * H
     for k0 in range(0, H, BLOCK_K):
         kk = k0 + offs_k
         mask_k = kk < H
         mask_kb = mask_k[:, None] & mask_b[None, :]
-        o_h = offs_b[None, :] * H + kk[:, None]
-        if s == 0:
-            b_h = tl.load(p_h0 + pid_d * B * H + o_h, mask=mask_kb, other=0.0).to(CDT)
-        else:
-            b_h = tl.load(p_hst + ((s % 2) * D + pid_d) * B * H + o_h, mask=mask_kb, other=0.0)
+        b_h = state_in(p_h0 + pid_d * B * H, p_hst + ((s % 2) * D + pid_d) * B * H, offs_b[None, :] * H + kk[:, None],
+                       mask_kb, s, rst2, RESET, CDT)
         b_w = wload(p_w + offs_m[:, None] * H + kk[None, :], mask_m[:, None] & mask_k[None, :], CDT, PREC)
         acc = mdot(b_w, b_h, acc, PREC)
     tl.store(p_hwbuf + pid_d * B * GH + offs_b[None, :] * GH + offs_m[:, None], acc,
              mask=mask_m[:, None] & mask_b[None, :])
 
 
-@triton.heuristics({"G": _gates, "HAS_HB": _given("p_bh"), "HAS_LEN": _given("p_len"), "SAVE": _given("p_hp")})
+@triton.heuristics({"G": _gates, "HAS_HB": _given("p_bh"), "HAS_LEN": _given("p_len"), "SAVE": _given("p_hp"),
+                    "ZONEOUT": _zoneout, "RESET": _given("p_reset")})
 @triton.jit(do_not_specialize=["s_begin", "s_end"])
 def ln_fwd_kernel(
-    p_xg, p_whh, p_gh, p_bh, p_gc, p_bc, p_h0, p_c0, p_len,
+    p_xg, p_whh, p_gh, p_bh, p_gc, p_bc, p_h0, p_c0, p_len, p_zm, p_zp, p_reset,
     p_y, p_hn, p_cn, p_hp, p_hw, p_stats, p_gates, p_cs,
     p_hwbuf, p_hst, p_cst,
     s_begin, s_end, T, B, H, D,
     MODE: tl.constexpr, PERSISTENT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
     G: tl.constexpr, HAS_HB: tl.constexpr, HAS_LEN: tl.constexpr, SAVE: tl.constexpr,
+    ZONEOUT: tl.constexpr, RESET: tl.constexpr,
 ):
     """Forward steps s_begin .. s_end - 1 for BLOCK_B rows (grid axis 1) and every unit of them
     (BLOCK_H >= H), each direction on grid axis 0. Stepwise: h W_hh^T comes from hwbuf (the
@@ -189,17 +208,14 @@ def ln_fwd_kernel(
     for s in range(s_begin, s_end):
         t, live = row_time(s, T, offs_b, mask_b, p_len, pid_d == 1, HAS_LEN)
         live2 = live[None, :]
+        rst2 = None
+        if RESET:
+            rst2 = restart_rows(p_reset, pid_d, t, live, offs_b, T, B)[None, :]
         cur = s % 2
         p_hcur = p_hst + (cur * D + pid_d) * B * H
-        if s == 0:
-            h_prev = tl.load(p_h0 + pid_d * B * H + o_own, mask=mask_jb, other=0.0).to(CDT)
-        else:
-            h_prev = tl.load(p_hcur + o_own, mask=mask_jb, other=0.0)
+        h_prev = state_in(p_h0 + pid_d * B * H, p_hcur, o_own, mask_jb, s, rst2, RESET, CDT)
         if PERSISTENT:
-            if s == 0:
-                b_h = tl.load(p_h0 + pid_d * B * H + o_h, mask=mask_kb, other=0.0).to(CDT)
-            else:
-                b_h = tl.load(p_hcur + o_h, mask=mask_kb, other=0.0)
+            b_h = state_in(p_h0 + pid_d * B * H, p_hcur, o_h, mask_kb, s, rst2, RESET, CDT)
             zero = tl.zeros((BLOCK_H, BLOCK_B), dtype=CDT)
             a_0, a_1, a_2, a_3 = dot_gates(w_0, w_1, w_2, w_3, b_h, zero, zero, zero, zero, G, PREC)
         else:
@@ -220,10 +236,8 @@ def ln_fwd_kernel(
         base = (pid_d * T + t) * B + offs_b          # (BLOCK_B,) row index into (D, T, B, ...)
         x_0, x_1, x_2, x_3 = load_gates(p_xg + base[None, :] * GH + offs_j[:, None], H, mask_jb, G, CDT)
         if LSTM:
-            if s == 0:
-                c_prev = tl.load(p_c0 + pid_d * B * H + o_own, mask=mask_jb, other=0.0).to(CDT)
-            else:
-                c_prev = tl.load(p_cst + (cur * D + pid_d) * B * H + o_own, mask=mask_jb, other=0.0)
+            c_prev = state_in(p_c0 + pid_d * B * H, p_cst + (cur * D + pid_d) * B * H, o_own, mask_jb, s, rst2,
+                              RESET, CDT)
             s_0 = sigmoid(x_0 + hh_0)
             s_1 = sigmoid(x_1 + hh_1)
             s_2 = tanh(x_2 + hh_2)
@@ -238,6 +252,11 @@ def ln_fwd_kernel(
         else:
             h_new, s_0, s_1, s_2 = gru_fwd(x_0, x_1, x_2, hh_0, hh_1, hh_2, h_prev)
             s_3 = hh_2
+        if ZONEOUT > 0:
+            # h only: the LSTM's c is carried un-blended (fusedrnn.reference)
+            z = zoneout_weight(p_zm, p_zp, pid_d, t, offs_b, offs_j, mask_jb, T, B, H, ZONEOUT, CDT,
+                               BLOCK_H, BLOCK_B)
+            h_new = z * h_prev + (1.0 - z) * h_new
         h_keep = tl.where(live2, h_new, h_prev)
         tl.store(p_hst + ((1 - cur) * D + pid_d) * B * H + o_own, h_keep, mask=mask_jb)
         p_yt = p_y + (t[None, :] * B + offs_b[None, :]) * (D * H) + pid_d * H + offs_j[:, None]
@@ -259,17 +278,18 @@ def ln_fwd_kernel(
             tl.debug_barrier()
 
 
-@triton.heuristics({"G": _gates, "HAS_LEN": _given("p_len")})
+@triton.heuristics({"G": _gates, "HAS_LEN": _given("p_len"), "RESET": _given("p_reset")})
 @triton.jit(do_not_specialize=["s"])
 def ln_dh_kernel(
-    p_dy, p_dhn, p_whh, p_len, p_dghbuf, p_carry, p_dhtot, p_dh0,
+    p_dy, p_dhn, p_whh, p_len, p_reset, p_dghbuf, p_carry, p_dhtot, p_dh0, p_dh0acc,
     s, T, B, H, D,
     MODE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREC: tl.constexpr, G: tl.constexpr, HAS_LEN: tl.constexpr,
+    PREC: tl.constexpr, G: tl.constexpr, HAS_LEN: tl.constexpr, RESET: tl.constexpr,
 ):
     """Stepwise backward, step s (s = -1: dh0): the gradient reaching h after step s, carry_{s+1} +
     dhw_{s+1} W_hh + dy_t (live rows), for BLOCK_H units and BLOCK_B rows (grid (D, B tiles, H
-    tiles)); the reduction over GH streams W_hh in BLOCK_K chunks."""
+    tiles)); the reduction over GH streams W_hh in BLOCK_K chunks. RESET: the part of it that
+    reached a state restarted at step s + 1 goes to dh0acc instead, and dh0 adds dh0acc."""
     tl.static_assert(BLOCK_B >= 16 and BLOCK_H >= 16 and BLOCK_K >= 16, "tl.dot needs tiles >= 16")
     CDT = p_dhtot.dtype.element_ty
     pid_d = tl.program_id(0)
@@ -283,27 +303,34 @@ def ln_dh_kernel(
                       p_dhn, p_whh, p_dghbuf, p_carry, None, None, None, None, False, BLOCK_K, PREC, "")
     if s >= 0:
         t, live = row_time(s, T, offs_b, mask_b, p_len, pid_d == 1, HAS_LEN)
+        if RESET:
+            dh = divert_restart(dh, s, pid_d, offs_b, mask_b, mask_ub, o, T, B, p_len, p_reset,
+                                p_dh0acc + pid_d * B * H, HAS_LEN)
         p_dyt = p_dy + (t[None, :] * B + offs_b[None, :]) * (D * H) + pid_d * H + offs_u[:, None]
         dh += tl.load(p_dyt, mask=mask_ub & live[None, :], other=0.0).to(CDT)
         tl.store(p_dhtot + pid_d * B * H + o, dh, mask=mask_ub)
     else:
+        if RESET:
+            dh += tl.load(p_dh0acc + pid_d * B * H + o, mask=mask_ub, other=0.0)
         tl.store(p_dh0 + pid_d * B * H + o, dh.to(p_dh0.dtype.element_ty), mask=mask_ub)
 
 
-@triton.heuristics({"G": _gates, "HAS_HB": _given("p_dbh"), "HAS_LEN": _given("p_len")})
+@triton.heuristics({"G": _gates, "HAS_HB": _given("p_dbh"), "HAS_LEN": _given("p_len"), "ZONEOUT": _zoneout,
+                    "RESET": _given("p_reset")})
 @triton.jit(do_not_specialize=["i_begin", "i_end"])
 def ln_bwd_kernel(
-    p_dy, p_dhn, p_dcn, p_whh, p_gh, p_gc, p_bc, p_len,
+    p_dy, p_dhn, p_dcn, p_whh, p_gh, p_gc, p_bc, p_len, p_zm, p_zp, p_reset,
     p_hp, p_hw, p_stats, p_gates, p_cs,
     p_dxg, p_dhw, p_dh0, p_dc0, p_dgh, p_dbh, p_dgc, p_dbc,
-    p_dhtot, p_dghbuf, p_carry, p_dcst,
+    p_dhtot, p_dghbuf, p_carry, p_dcst, p_dh0acc, p_dc0acc,
     i_begin, i_end, T, B, H, D,
     MODE: tl.constexpr, PERSISTENT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
-    G: tl.constexpr, HAS_HB: tl.constexpr, HAS_LEN: tl.constexpr,
+    G: tl.constexpr, HAS_HB: tl.constexpr, HAS_LEN: tl.constexpr, ZONEOUT: tl.constexpr, RESET: tl.constexpr,
 ):
     """Backward iterations i_begin .. i_end - 1 (step s = T - 1 - i; s = -1 only forms dh0, and
-    only when PERSISTENT: stepwise, ln_dh_kernel does it) for BLOCK_B rows and all their units."""
+    only when PERSISTENT: stepwise, ln_dh_kernel does it, dh0acc included) for BLOCK_B rows and
+    all their units."""
     tl.static_assert(not PERSISTENT or (BLOCK_B >= 16 and BLOCK_H >= 16 and BLOCK_K >= 16),
                      "tl.dot needs tiles >= 16")
     CDT = p_hp.dtype.element_ty
@@ -336,11 +363,20 @@ def ln_bwd_kernel(
             t, live = row_time(s, T, offs_b, mask_b, p_len, pid_d == 1, HAS_LEN)
             live2 = live[None, :]
             if PERSISTENT:
+                if RESET:
+                    dh = divert_restart(dh, s, pid_d, offs_b, mask_b, mask_jb, o_own, T, B, p_len, p_reset,
+                                        p_dh0acc + pid_d * B * H, HAS_LEN)
                 p_dyt = p_dy + (t[None, :] * B + offs_b[None, :]) * (D * H) + pid_d * H + offs_j[:, None]
                 dh += tl.load(p_dyt, mask=mask_jb & live2, other=0.0).to(CDT)
             else:
                 dh = tl.load(p_dhtot + pid_d * B * H + o_own, mask=mask_jb, other=0.0)
             dhl = tl.where(live2, dh, 0.0)
+            if ZONEOUT > 0:
+                # z of the gradient of h_t reaches h_{t-1} directly (the carry); 1 - z enters the cell
+                z = zoneout_weight(p_zm, p_zp, pid_d, t, offs_b, offs_j, mask_jb, T, B, H, ZONEOUT, CDT,
+                                   BLOCK_H, BLOCK_B)
+                dh_zone = z * dhl
+                dhl = dhl - dh_zone
             first = s == T - 1
             base = (pid_d * T + t) * B + offs_b
             mean_h = tl.load(p_stats + base * S, mask=mask_b, other=0.0)[None, :]
@@ -369,9 +405,19 @@ def ln_bwd_kernel(
                 d_2 = tl.where(live2, dc_t * sv_0 * (1.0 - sv_2 * sv_2), 0.0)
                 d_3 = tl.where(live2, dhl * tc * sv_3 * (1.0 - sv_3), 0.0)
                 e_0, e_1, e_2, e_3 = d_0, d_1, d_2, d_3
-                dc_keep = tl.where(live2, dc_t * sv_1, dc)
+                dc_prev = dc_t * sv_1
+                if RESET:
+                    # a restarted step took c0: its dc_prev belongs to dc0, nothing reaches step s - 1
+                    rst2 = restart_rows(p_reset, pid_d, t, live, offs_b, T, B)[None, :]
+                    p_ca = p_dc0acc + pid_d * B * H + o_own
+                    acc_c = tl.load(p_ca, mask=mask_jb, other=0.0) + tl.where(rst2, dc_prev, 0.0)
+                    tl.store(p_ca, acc_c, mask=mask_jb & rst2)
+                    dc_prev = tl.where(rst2, 0.0, dc_prev)
+                dc_keep = tl.where(live2, dc_prev, dc)
                 tl.store(p_dcst + ((s % 2) * D + pid_d) * B * H + o_own, dc_keep, mask=mask_jb)
                 if s == 0:
+                    if RESET:
+                        dc_keep += acc_c
                     tl.store(p_dc0 + pid_d * B * H + o_own, dc_keep.to(p_dc0.dtype.element_ty), mask=mask_jb)
                 direct = tl.zeros((BLOCK_H, BLOCK_B), dtype=CDT)
             else:
@@ -379,6 +425,8 @@ def ln_bwd_kernel(
                 d_0, d_1, d_2, e_2, direct = gru_bwd(dhl, sv_0, sv_1, sv_2, sv_3, h_prev)
                 d_3 = d_0
                 e_0, e_1, e_3 = d_0, d_1, d_0
+            if ZONEOUT > 0:
+                direct += dh_zone
             # hidden-side LayerNorm backward: e = gradient of LN(h W_hh^T) γ_hh (+ b_hh)
             a_0, a_1, a_2, a_3 = load_gates(p_hw + base[None, :] * GH + offs_j[:, None], H, mask_jb, G, CDT)
             r2 = rstd_h[None, :]
@@ -405,6 +453,8 @@ def ln_bwd_kernel(
             tl.store(p_carry + ((s % 2) * D + pid_d) * B * H + o_own, tl.where(live2, direct, dh), mask=mask_jb)
         else:
             if PERSISTENT:
+                if RESET:
+                    dh += tl.load(p_dh0acc + pid_d * B * H + o_own, mask=mask_jb, other=0.0)
                 tl.store(p_dh0 + pid_d * B * H + o_own, dh.to(p_dh0.dtype.element_ty), mask=mask_jb)
         if PERSISTENT:
             tl.debug_barrier()
@@ -477,7 +527,8 @@ def _check_mode(mode, kernel):
     check_choice(kernel, TRITON_KERNELS, "kernel")
 
 
-def forward_launches(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save, kernel, allow_tf32):
+def forward_launches(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save, kernel, allow_tf32, zoneout=None,
+                     zoneout_p=0.0, reset=None):
     """Check, allocate, list the launches of ln_scan_forward: (outputs, launch generator)."""
     _check_mode(mode, kernel)
     check_float("h0", h0, 3)
@@ -503,6 +554,7 @@ def forward_launches(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save, 
     else:
         check_tensor("b_h", b_h, (D, GH), dt, dev, optional=True)
     check_tensor("lengths", lengths, (B,), torch.int64, dev, optional=True)
+    variants = _variant_args(zoneout, zoneout_p, reset, D, T, B, H, wdt, dev, False)
 
     S = 4 if lstm else 2
     y = new((T, B, D * H), dt, dev)
@@ -520,7 +572,7 @@ def forward_launches(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save, 
     hwbuf = None if cfg.persistent else new((D, B, GH), wdt, dev)
     args = dict(
         p_xg=xg, p_whh=w_hh, p_gh=g_h, p_bh=b_h, p_gc=g_c if lstm else None, p_bc=b_c if lstm else None,
-        p_h0=h0, p_c0=c0 if lstm else None, p_len=lengths, p_y=y, p_hn=hn, p_cn=cn if lstm else None,
+        p_h0=h0, p_c0=c0 if lstm else None, p_len=lengths, **variants, p_y=y, p_hn=hn, p_cn=cn if lstm else None,
         p_hp=hp if save else None, p_hw=hw if save else None, p_stats=stats if save else None,
         p_gates=gates if save else None, p_cs=cs if save and lstm else None,
         p_hwbuf=hwbuf, p_hst=hst, p_cst=new((2, D, B, H), wdt, dev) if lstm else None,
@@ -533,18 +585,20 @@ def forward_launches(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save, 
         if cfg.persistent:
             yield Launch(cell, grid, dict(args, s_begin=0, s_end=T), cfg.num_warps)
             return
-        mm_args = dict(p_h0=h0, p_hst=hst, p_whh=w_hh, p_hwbuf=hwbuf, B=B, H=H, D=D, G=G,
-                       BLOCK_B=cfg.MM_B, BLOCK_M=cfg.MM_M, BLOCK_K=cfg.MM_K, PREC=prec)
+        # lengths only matter to the restarts' row times
+        mm_kernel, mm_args = resolve(ln_hw_kernel, dict(
+            p_h0=h0, p_hst=hst, p_whh=w_hh, p_hwbuf=hwbuf, p_len=lengths if reset is not None else None,
+            p_reset=reset, T=T, B=B, H=H, D=D, G=G, BLOCK_B=cfg.MM_B, BLOCK_M=cfg.MM_M, BLOCK_K=cfg.MM_K, PREC=prec))
         mm_grid = (D, triton.cdiv(B, cfg.MM_B), triton.cdiv(GH, cfg.MM_M))
         for s in range(T):
-            yield Launch(ln_hw_kernel, mm_grid, dict(mm_args, s=s), cfg.mm_warps)
+            yield Launch(mm_kernel, mm_grid, dict(mm_args, s=s), cfg.mm_warps)
             yield Launch(cell, grid, dict(args, s_begin=s, s_end=s + 1), cfg.num_warps)
 
     return (y, hn, cn, hp, hw, stats, gates, cs), launches()
 
 
 def backward_launches(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp, hw, stats, gates, cs, kernel,
-                      allow_tf32):
+                      allow_tf32, zoneout=None, zoneout_p=0.0, reset=None):
     """Check, allocate, list the launches of ln_scan_backward: (outputs, launch generator)."""
     _check_mode(mode, kernel)
     check_float("dy", dy, 3)
@@ -573,6 +627,7 @@ def backward_launches(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp,
     check_tensor("stats", stats, (D, T, B, S), wdt, dev)
     check_tensor("gates", gates, (D, T, B, 4 * H), wdt, dev)
     check_tensor("cs", cs, (D, T, B, H if lstm else 0), wdt, dev)
+    variants = _variant_args(zoneout, zoneout_p, reset, D, T, B, H, wdt, dev, False)
 
     has_hb = not lstm and b_h is not None
     dxg, dhw = new((D, T, B, GH), wdt, dev), new((D, T, B, GH), wdt, dev)
@@ -585,14 +640,17 @@ def backward_launches(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp,
     prec = dot_precision(dt, allow_tf32, dev)
     dghbuf, carry = new((2, D, B, GH), wdt, dev), new((2, D, B, H), wdt, dev)
     dhtot = None if cfg.persistent else new((D, B, H), wdt, dev)
+    # the dh0 / dc0 accumulators of the restarts: zeroed, never poisoned
+    dh0acc = torch.zeros((D, B, H), dtype=wdt, device=dev) if reset is not None else None
+    dc0acc = torch.zeros((D, B, H), dtype=wdt, device=dev) if reset is not None and lstm else None
     args = dict(
         p_dy=dy, p_dhn=dhn, p_dcn=dcn if lstm else None, p_whh=w_hh, p_gh=g_h,
-        p_gc=g_c if lstm else None, p_bc=b_c if lstm else None, p_len=lengths,
+        p_gc=g_c if lstm else None, p_bc=b_c if lstm else None, p_len=lengths, **variants,
         p_hp=hp, p_hw=hw, p_stats=stats, p_gates=gates, p_cs=cs if lstm else None,
         p_dxg=dxg, p_dhw=dhw, p_dh0=dh0, p_dc0=dc0 if lstm else None, p_dgh=dg_h, p_dbh=db_h if has_hb else None,
         p_dgc=dg_c if lstm else None, p_dbc=db_c if lstm else None,
         p_dhtot=dhtot, p_dghbuf=dghbuf, p_carry=carry, p_dcst=new((2, D, B, H), wdt, dev) if lstm else None,
-        T=T, B=B, H=H, D=D, MODE=mode, PERSISTENT=cfg.persistent,
+        p_dh0acc=dh0acc, p_dc0acc=dc0acc, T=T, B=B, H=H, D=D, MODE=mode, PERSISTENT=cfg.persistent,
         BLOCK_B=cfg.BLOCK_B, BLOCK_H=cfg.BLOCK_H, BLOCK_K=cfg.BLOCK_K, PREC=prec)
     cell, args = resolve(ln_bwd_kernel, args)
     grid = (D, triton.cdiv(B, cfg.BLOCK_B))
@@ -602,9 +660,9 @@ def backward_launches(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp,
             yield Launch(cell, grid, dict(args, i_begin=0, i_end=T + 1), cfg.num_warps)
             return
         dh_kernel, dh_args = resolve(ln_dh_kernel, dict(
-            p_dy=dy, p_dhn=dhn, p_whh=w_hh, p_len=lengths, p_dghbuf=dghbuf, p_carry=carry, p_dhtot=dhtot,
-            p_dh0=dh0, T=T, B=B, H=H, D=D, MODE=mode, BLOCK_B=cfg.MM_B, BLOCK_H=_clamp_block(H, 32),
-            BLOCK_K=cfg.MM_K, PREC=prec))
+            p_dy=dy, p_dhn=dhn, p_whh=w_hh, p_len=lengths, p_reset=reset, p_dghbuf=dghbuf, p_carry=carry,
+            p_dhtot=dhtot, p_dh0=dh0, p_dh0acc=dh0acc, T=T, B=B, H=H, D=D, MODE=mode, BLOCK_B=cfg.MM_B,
+            BLOCK_H=_clamp_block(H, 32), BLOCK_K=cfg.MM_K, PREC=prec))
         dh_grid = (D, triton.cdiv(B, cfg.MM_B), triton.cdiv(H, _clamp_block(H, 32)))
         for i in range(T + 1):
             yield Launch(dh_kernel, dh_grid, dict(dh_args, s=T - 1 - i), cfg.mm_warps)
@@ -615,20 +673,21 @@ def backward_launches(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp,
 
 
 def ln_scan_forward(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save, *, kernel="stepwise",
-                    allow_tf32=False):
-    """fusedrnn.layernorm's scan_forward on the Triton kernels: (y, hn, cn, hp, hw, stats, gates, cs)."""
+                    allow_tf32=False, zoneout=None, zoneout_p=0.0, reset=None):
+    """fusedrnn.layernorm's scan_forward on the Triton kernels, variants included: (y, hn, cn, hp,
+    hw, stats, gates, cs)."""
     outs, launches = forward_launches(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save, kernel,
-                                      allow_tf32)
+                                      allow_tf32, zoneout, zoneout_p, reset)
     run(launches)
     return outs
 
 
 def ln_scan_backward(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp, hw, stats, gates, cs, *,
-                     kernel="stepwise", allow_tf32=False):
+                     kernel="stepwise", allow_tf32=False, zoneout=None, zoneout_p=0.0, reset=None):
     """fusedrnn.layernorm's scan_backward on the Triton kernels: (dxg, dhw, dh0, dc0, dg_h, db_h, dg_c,
     db_c), the parameter sums per row (D, B, ...)."""
     outs, launches = backward_launches(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp, hw, stats,
-                                       gates, cs, kernel, allow_tf32)
+                                       gates, cs, kernel, allow_tf32, zoneout, zoneout_p, reset)
     run(launches)
     return outs
 

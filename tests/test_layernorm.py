@@ -584,40 +584,106 @@ def test_variant_bad_input_raises_like_the_plain_layers(mode):
     assert y.shape == (T, H)
 
 
+KERNEL_VARIANT_CASES = [  # (variant, bidirectional, num_layers, packed)
+    ("all", True, 2, True),            # zoneout (training masks) + weight_drop + reset
+    ("zoneout_eval_reset", False, 1, False),
+]
+VARIANTS["zoneout_eval_reset"] = (dict(zoneout=0.3), False, RESET)
+VARIANTS["zoneout_train_reset"] = (dict(zoneout=0.3), True, RESET)
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("kernel", ["stepwise", "persistent"])
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_variants_on_the_kernels(mode, kernel, triton_device, poisoned):
-    """weight_drop runs on the kernels (only the weights change): fp64 1e-10, fp32 1e-5. zoneout and
-    reset are not in kernels/layernorm.py: backend="triton" raises naming the argument before
-    anything runs, and backend="auto" takes the PyTorch scan where it would pick the kernels."""
-    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
-        m = _make(mode, dtype, bidirectional=True, backend="triton", kernel=kernel, weight_drop=0.4)
-        x = torch.randn(T, B, I, dtype=torch.float64)
-        got = _run_v(m, x, packed=dtype == torch.float64)
+@pytest.mark.parametrize("case", KERNEL_VARIANT_CASES, ids=lambda c: c[0])
+def test_variants_on_the_kernels_float64(mode, kernel, case, triton_device, poisoned):
+    """zoneout (training masks, fixed seed; eval expectation), reset and weight_drop on
+    kernels/layernorm.py against the reference: outputs and every gradient, 1e-10."""
+    variant, bidirectional, num_layers, packed = case
+    kw, training, reset = VARIANTS[variant]
+    m = _make(mode, num_layers=num_layers, bidirectional=bidirectional, backend="triton", kernel=kernel,
+              **kw).train(training)
+    D = 2 if bidirectional else 1
+    x, hx = torch.randn(T, B, I, dtype=torch.float64), _hx(mode, num_layers * D)
+    got = _run_v(m, x, packed, hx, reset)
+    assert m.last_backend == "triton" and m.last_kernels == [kernel] * num_layers
+    want = _run_v(_twin(m).train(training), x, packed, hx, reset)
+    _compare(got, want, _names(m), 1e-10, f"triton {kernel} fp64 {variant}")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kernel", ["stepwise", "persistent"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_variants_on_the_kernels_float32_and_half(mode, kernel, triton_device, poisoned):
+    """zoneout + reset, bidirectional, packed: float32 within 1e-5 of the float64 reference;
+    float16 / bfloat16 no worse than the reference computed in that dtype (x1.5 + 2 eps)."""
+    x, hx = torch.randn(T, B, I, dtype=torch.float64), _hx(mode, 2)
+    for dtype, variant in ((torch.float32, "zoneout_train_reset"), (torch.float16, "zoneout_eval_reset"),
+                           (torch.bfloat16, "zoneout_train_reset")):
+        kw, training, reset = VARIANTS[variant]
+        m = _make(mode, dtype, bidirectional=True, backend="triton", kernel=kernel, **kw).train(training)
+        got = _run_v(m, x, True, hx, reset)
         assert m.last_backend == "triton" and m.last_kernels == [kernel]
-        ref = _twin(m, dtype)   # the same dtype: DropConnect's mask is drawn in the weights' dtype
-        want = _run_v(_twin(m), x, packed=dtype == torch.float64) if dtype == torch.float64 else None
-        if want is None:
-            ref64 = _twin(ref)   # fp64 copy of the weights, masks drawn in fp32 like `m`'s
-            torch.manual_seed(7)
-            masks = [fusedrnn.functional.drop_weight(torch.ones(4 * H if mode == "LSTM" else 3 * H, H), 0.4)
-                     for _ in range(2)]
-            ref64.weight_drop = 0.0
-            with torch.no_grad():
-                ref64.weight_hh_l0.mul_(masks[0].double())
-                ref64.weight_hh_l0_reverse.mul_(masks[1].double())
-            want = _run_v(ref64, x)[:3 if mode == "LSTM" else 2]
-            got = got[:len(want)]
-        _compare(got, want, _names(m, hx=False), tol, f"triton {kernel} {dtype} weight_drop")
+        exact = _run_v(_twin(m).train(training), x, True, hx, reset)
+        what = f"triton {kernel} {dtype} {variant}"
+        if dtype == torch.float32:
+            _compare(got, exact, _names(m), 1e-5, what)
+            continue
+        base = _run_v(_twin(m, dtype).train(training), x, True, hx, reset)
+        eps = torch.finfo(dtype).eps
+        for g, b, e, n in zip(got, base, exact, _names(m)):
+            assert g.dtype == dtype
+            assert rel_err(g, e) <= 1.5 * rel_err(b, e) + 2 * eps, (
+                f"{what} {n}: {rel_err(g, e):.2e} vs the reference in {dtype} {rel_err(b, e):.2e}")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kernel", ["stepwise", "persistent"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_weight_drop_on_the_kernels_float32(mode, kernel, triton_device, poisoned):
+    """weight_drop on the kernels in float32 (float64: the "all" case above), 1e-5 against a
+    float64 copy of the weights with the float32-drawn DropConnect masks applied."""
+    m = _make(mode, torch.float32, bidirectional=True, backend="triton", kernel=kernel, weight_drop=0.4)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    got = _run_v(m, x)
+    assert m.last_backend == "triton" and m.last_kernels == [kernel]
+    ref64 = _twin(_twin(m, torch.float32))   # DropConnect's mask is drawn in the weights' dtype
+    torch.manual_seed(7)
+    masks = [fusedrnn.functional.drop_weight(torch.ones(4 * H if mode == "LSTM" else 3 * H, H), 0.4)
+             for _ in range(2)]
+    ref64.weight_drop = 0.0
+    with torch.no_grad():
+        ref64.weight_hh_l0.mul_(masks[0].double())
+        ref64.weight_hh_l0_reverse.mul_(masks[1].double())
+    want = _run_v(ref64, x)[:3 if mode == "LSTM" else 2]
+    _compare(got[:len(want)], want, _names(m, hx=False), 1e-5, f"triton {kernel} fp32 weight_drop")
+
+
+@pytest.mark.triton
+def test_variants_run_on_the_kernels_and_bad_variant_arguments_raise(triton_device, monkeypatch):
+    """backend="triton" runs zoneout and reset (no BackendUnavailableError), and so does "auto"
+    where it resolves to the kernels (CUDA; here the resolution is patched); what the kernels
+    cannot take still raises a clear error."""
     x = torch.randn(T, B, I)
-    for kw, reset, what in ((dict(zoneout=0.2), None, "zoneout"), ({}, RESET, "reset")):
-        m = CLASSES[mode](I, H, backend="triton", kernel=kernel, **kw)
-        with pytest.raises(BackendUnavailableError, match=what):
-            m(x, reset=reset)
-    assert L._variants_ln_route("auto", "triton", 0.2, None) == "loop"
-    assert L._variants_ln_route("auto", "triton", 0.0, RESET) == "loop"
-    assert L._variants_ln_route("auto", "triton", 0.0, None) == "triton"
+    for backend in ("triton", "auto"):
+        if backend == "auto":
+            monkeypatch.setattr(L, "resolve", lambda backend, device, compiling=False: "triton")
+        for kw, reset in ((dict(zoneout=0.2), None), ({}, RESET)):
+            m = CLASSES["GRU"](I, H, backend=backend, kernel="stepwise", **kw)
+            y, _ = m(x, reset=reset)
+            assert m.last_backend == "triton" and m.last_kernels == ["stepwise"] and torch.isfinite(y).all()
+    with pytest.raises(BackendUnavailableError, match="persistent"):
+        CLASSES["LSTM"](I, 512, backend="triton", kernel="persistent", zoneout=0.2)(x, reset=RESET)
+    K = L.triton_kernels()
+    D, G = 1, 3
+    args = ("GRU", torch.randn(D, T, B, G * H), torch.randn(D, G * H, H), torch.ones(D, G * H), None, None, None,
+            torch.zeros(D, B, H), None, None, False)
+    with pytest.raises(ValueError, match="zoneout"):
+        K.ln_scan_forward(*args, zoneout=torch.zeros(D, T, B, H + 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="zoneout_p"):
+        K.ln_scan_forward(*args, zoneout_p=1.0)
+    with pytest.raises(ValueError, match="reset"):
+        K.ln_scan_forward(*args, reset=torch.zeros(D, T, B))
 
 
 @pytest.mark.triton
