@@ -609,10 +609,17 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
                       num_layers=self.num_layers, bidirectional=self.bidirectional, batch=int(B),
                       seq_len=int(T), dtype=dtype, bias=self.bias, batch_first=self.batch_first,
                       packed=batch_sizes is not None, training=needs_grad, device=device)
-        key = tune.make_key(self.mode, **fields)
+        key = tune.call_key(self.mode, **fields)
         n = len(states)
-        call = tune.CallInputs(tensors, needs_grad=needs_grad,
-                               names=("input", "h_0", "c_0")[:1 + n] + tuple(self._flat_weights_names))
+        inputs = []  # the CallInputs, built only when tuning (a cache hit needs none)
+
+        def call():
+            if not inputs:
+                inputs.append(tune.CallInputs(
+                    tensors, needs_grad=needs_grad,
+                    names=("input", "h_0", "c_0")[:1 + n] + tuple(self._flat_weights_names)))
+            return inputs[0]
+
         D = 2 if self.bidirectional else 1
         P = self.proj_size if self.proj_size > 0 else self.hidden_size
 
@@ -627,13 +634,14 @@ class _FusedRNNBase(_Backend, nn.RNNBase):
                     return (y, *finals)
                 return run
 
-            candidates = {tune.ORACLE: call.candidate(torch_op), "stepwise": call.candidate(kernel_op("stepwise"))}
+            candidates = {tune.ORACLE: call().candidate(torch_op),
+                          "stepwise": call().candidate(kernel_op("stepwise"))}
             if triton_kernels().plan_for(self.mode, D, int(B), self.hidden_size, P, dtype, device) is not None:
-                candidates["persistent"] = call.candidate(kernel_op("persistent"))
+                candidates["persistent"] = call().candidate(kernel_op("persistent"))
             return candidates
 
         return tune.get_tuner().choose(key, build, needs_grad=needs_grad, tensors=tensors,
-                                       labels=call.labels(("output", "h_n", "c_n")[:1 + n]))
+                                       labels=lambda: call().labels(("output", "h_n", "c_n")[:1 + n]))
 
     def _run_padded(self, x, batch_sizes, states, flat, route, B, T, kernel="auto", reset=None):
         x, lengths, rows = to_padded(x, batch_sizes, B, T, self.batch_first)

@@ -55,7 +55,7 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = [
     "TuneKey", "Decision", "Timing", "Tuner", "TuneCache", "CallInputs", "TuningWarning",
-    "make_key", "seq_bucket", "tolerance", "compare", "can_tune", "enabled", "set_enabled",
+    "make_key", "call_key", "seq_bucket", "tolerance", "compare", "can_tune", "enabled", "set_enabled",
     "get_tuner", "reset", "show_cache", "clear_cache", "cache_dir", "cache_file", "perf_clock",
     "cuda_clock", "cached_choice", "TOLERANCE", "TF32_TOLERANCE",
 ]
@@ -375,6 +375,22 @@ def make_key(mode, *, input_size, hidden_size, proj_size=0, num_layers=1, bidire
                    triton=v["triton"], cudnn=v["cudnn"], fusedrnn=v["fusedrnn"])
 
 
+@functools.lru_cache(maxsize=4096)
+def _memo_key(mode, items):
+    return make_key(mode, **dict(items))
+
+
+def call_key(mode, **fields):
+    """make_key for a layer call, memoized on its arguments (the TF32 flags read now, so a change
+    of them still makes a new key): a layer asks for its key on every call, and building and
+    validating a TuneKey costs tens of microseconds. Pass the fields in a fixed order."""
+    if "cudnn_tf32" not in fields:
+        fields["cudnn_tf32"] = torch.backends.cudnn.allow_tf32
+    if "matmul_tf32" not in fields:
+        fields["matmul_tf32"] = torch.backends.cuda.matmul.allow_tf32
+    return _memo_key(mode, tuple(fields.items()))
+
+
 # ------------------------------------------------------------------------------------- decision
 
 
@@ -638,10 +654,17 @@ def _synchronize(outputs):
 
 def cache_dir():
     """$FUSEDRNN_CACHE_DIR, else $XDG_CACHE_HOME/fusedrnn, else ~/.cache/fusedrnn."""
-    env = os.environ.get("FUSEDRNN_CACHE_DIR", "").strip()
+    env = os.environ
+    return _cache_dir(env.get("FUSEDRNN_CACHE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"))
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_dir(fusedrnn_cache_dir, xdg_cache_home, home):
+    # keyed on every variable the path depends on: get_tuner asks on every tuned call
+    env = (fusedrnn_cache_dir or "").strip()
     if env:
         return os.path.abspath(os.path.expanduser(env))
-    base = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
+    base = (xdg_cache_home or "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "fusedrnn")
 
 
@@ -849,7 +872,8 @@ class Tuner:
                     time.perf_counter otherwise
         tol         one tolerance for every tensor (default: per dtype, `tolerance`)
         tf32        compare fp32 with the TF32 tolerance (default: either TF32 flag of the key)
-        labels      names of the tuple's positions, for messages ("output", "h_n", "grad input", ...)
+        labels      names of the tuple's positions, for messages ("output", "h_n", "grad input", ...);
+                    or a zero-argument callable returning them (called only when tuning)
         tensors     the call's tensors, for can_tune
 
         Returns a Decision with source "static" and chosen None when tuning is off
@@ -875,6 +899,8 @@ class Tuner:
             candidates = candidates()
         if callable(checks) and not isinstance(checks, Mapping):
             checks = checks()
+        if callable(labels):
+            labels = labels()
         _check_candidates(candidates, checks, reference, oracle)
         decision, persist = self._tune(key, candidates, reference=reference, oracle=oracle,
                                        checks=checks, clock=clock, tol=tol,

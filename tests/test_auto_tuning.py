@@ -53,6 +53,24 @@ def test_first_call_tunes_then_the_cache_decides(tuning):
 
 
 @pytest.mark.triton
+def test_a_cache_hit_builds_no_candidates(tuning, monkeypatch):
+    """Every call of a tuned layer looks its key up: on a hit nothing of the tuning machinery
+    (its inputs, candidates, labels) is built, so the per-call cost stays a lookup."""
+    m = _layer()
+    x = torch.randn(2, 1, 3)
+    with torch.no_grad():
+        m(x)
+
+    def no(*args, **kw):
+        raise AssertionError("CallInputs built on a cache hit")
+
+    monkeypatch.setattr(tune, "CallInputs", no)
+    with torch.no_grad():
+        m(x)
+    assert m.last_tuning.source == "cached"
+
+
+@pytest.mark.triton
 def test_a_kernel_that_disagrees_is_excluded_and_named_once(tuning, monkeypatch):
     from fusedrnn import kernels
     real = kernels.scan_forward

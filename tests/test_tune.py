@@ -324,6 +324,23 @@ def test_key_fields_bucketing_and_json_round_trip():
         tune.TuneKey.from_dict({**k.to_dict(), "batch": "4"})
 
 
+def test_call_key_is_make_key_memoized_and_follows_the_tf32_flags(monkeypatch):
+    fields = dict(input_size=3, hidden_size=5, batch=2, seq_len=7, dtype=torch.float32,
+                  training=False, device="cpu")
+    k = tune.call_key("LSTM", **fields)
+    assert k == tune.make_key("LSTM", **fields) and tune.call_key("LSTM", **fields) is k
+    seen = []
+    real = tune.make_key
+    monkeypatch.setattr(tune, "make_key", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    tune.call_key("LSTM", **fields)
+    assert not seen  # memoized
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not torch.backends.cudnn.allow_tf32)
+    tune.call_key("LSTM", **fields)
+    assert len(seen) == 1  # a changed flag is a new argument, so a new key is built
+    with pytest.raises(ValueError, match="hidden_size must be an int >= 1"):
+        tune.call_key("LSTM", **{**fields, "hidden_size": 0})
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(mode="lstm"), "mode must be one of"),
     (dict(hidden_size=0), "hidden_size must be an int >= 1"),
