@@ -12,6 +12,8 @@ Shape legend:
     dghbuf (2, D, B, GH) / carry (2, D, B, H) / dcst (2, D, B, H)   the backward's ping-pong
     dg_h, db_h (D, B, GH) / dg_c, db_c (D, B, H)   per-row sums over time of the LN parameters'
                                                    gradients (each row owned by one program)
+    zm (D, T, B, H) bool zoneout's training mask / zp (1,) its eval p    reset (D, T, B) bool
+    dh0acc / dc0acc (D, B, H)   zeroed: the gradients of the states restarted from h0 / c0
 Tiles are [units, batch]: BLOCK_H >= H covers every unit of a row (the LayerNorms reduce over all
 G*H gate pre-activations, and over the H cell values), BLOCK_B rows per program.
 
@@ -23,10 +25,18 @@ Persistent: ln_fwd_kernel / ln_bwd_kernel with PERSISTENT, one program per (dire
 tile) keeping all of W_hh in registers and the whole time loop inside: rows are independent, so
 programs never exchange anything (a CTA barrier between steps, no grid barrier).
 
+Variants (fusedrnn/layernorm.py's scan_forward / scan_backward define them; the flags and device
+functions are the plain kernels', kernels/scan.py and kernels/common.py): ZONEOUT (2 mask, 1 eval
+p) blends h (not the LSTM's c) with h_prev after the cell and splits dh between the cell and the
+carry; RESET takes h0 / c0 as the state entering a restarted step (ln_hw_kernel's dot operand too;
+hp / cs save it) and diverts the gradient reaching it into dh0acc / dc0acc, added to dh0 / dc0 at
+the end (stepwise: ln_dh_kernel owns dh0acc, ln_bwd_kernel dc0acc).
+
 State, statistics and workspace are float32 (float64 for float64 layers); half-precision inputs
 are upcast before any arithmetic; the recurrent dots use kernels/common.py's mdot (two-pass for
 float16 / bfloat16). No libdevice: tanh = 2 sigmoid(2x) - 1 (kernels/activations.py).
 """
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -693,7 +703,7 @@ def ln_scan_backward(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Ahead-of-time configurations (bench/layernorm_bench.py --resources; no GPU needed)
+# Ahead-of-time configurations (kernels/aot.py, bench/layernorm_bench.py --resources; no GPU needed)
 # ----------------------------------------------------------------------------------------------
 
 # (B, H): a tiny layer (masks everywhere), the GPU target's stepwise shape, and the largest
@@ -701,10 +711,15 @@ def ln_scan_backward(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp, 
 AOT_SHAPES = ((3, 5), (64, 512), (16, 16), (16, 32), (16, 64))
 
 
-def aot_configs(dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64)):
-    """Every distinct kernel configuration the launchers pick for AOT_SHAPES (all features on:
-    lengths, save, GRU's hidden bias), as fusedrnn.kernels.aot.KernelConfig, planned on meta
-    tensors as an sm_90."""
+# (zoneout, reset) of the variant listings, as kernels/aot.py's VARIANTS: 0 off, 1 eval p, 2 mask.
+AOT_VARIANTS = ((0, False), (2, True))
+
+
+def aot_configs(dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64), variants=((0, False),),
+                shapes=AOT_SHAPES):
+    """Every distinct kernel configuration the launchers pick for `shapes` (all features on:
+    lengths, save, GRU's hidden bias) with each (zoneout, reset) of `variants` (AOT_VARIANTS:
+    both variants too), as fusedrnn.kernels.aot.KernelConfig, planned on meta tensors as an sm_90."""
     from .aot import _SIG, KernelConfig, specialize
     meta = torch.device("meta")
     seen = {}
@@ -713,21 +728,24 @@ def aot_configs(dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.floa
         lstm = mode == "LSTM"
         for dt in dtypes:
             wdt = work_dtype(dt)
-            for B, H in AOT_SHAPES:
+            for (B, H), (zoneout, reset) in itertools.product(shapes, variants):
                 for kernel in TRITON_KERNELS:
                     if kernel == "persistent" and ln_plan(mode, 2, B, H, dt, meta) is None:
                         continue
                     D, T = 2, 1
                     e = lambda *s, d=dt: torch.empty(*s, dtype=d, device=meta)  # noqa: E731
+                    var = dict(zoneout=e(D, T, B, H, d=torch.bool) if zoneout == 2 else None,
+                               zoneout_p=0.5 if zoneout == 1 else 0.0,
+                               reset=e(D, T, B, d=torch.bool) if reset else None)
                     outs, fwd = forward_launches(mode, e(D, T, B, G * H, d=wdt), e(D, G * H, H), e(D, G * H),
                                                  None if lstm else e(D, G * H), e(D, H) if lstm else None,
                                                  e(D, H) if lstm else None, e(D, B, H), e(D, B, H) if lstm else None,
-                                                 e(B, d=torch.int64), True, kernel, False)
+                                                 e(B, d=torch.int64), True, kernel, False, **var)
                     y, hn, cn, hp, hw, stats, gates, cs = outs
                     _, bwd = backward_launches(mode, y, hn, cn if lstm else None, e(D, G * H, H), e(D, G * H),
                                                None if lstm else e(D, G * H), e(D, H) if lstm else None,
                                                e(D, H) if lstm else None, e(B, d=torch.int64), hp, hw, stats,
-                                               gates, cs, kernel, False)
+                                               gates, cs, kernel, False, **var)
                     for ln in list(fwd) + list(bwd):
                         fn, sig, const = specialize(ln.kernel, ln.args)
                         cfg = KernelConfig(fn, sig, const, ln.num_warps, _SIG[dt])

@@ -9,6 +9,11 @@ Sizes are tiny and not multiples of any block (H = 5, B = 3, I = 3; T = 4).
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -737,3 +742,35 @@ def test_variants_compile_fullgraph_one_op_per_layer():
         assert count(fw, "fusedrnn.ln_layer.") == 2 and count(bw, "fusedrnn.ln_layer_backward.") == 2
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_kernels_with_zoneout_and_reset_compile_for_sm90():
+    """The LayerNorm kernels with ZONEOUT (training mask) and RESET on (kernels/layernorm.py:
+    aot_configs), bfloat16, stepwise and persistent, both modes, build for sm_90 and use no
+    atomics (the restarts' dh0 / dc0 accumulators have one owner per element). In a subprocess
+    without TRITON_INTERPRET (~1 min on 2 cores); skips only on the toolchain's own reason."""
+    code = ("import json, re, torch\n"
+            "from fusedrnn.kernels import aot, layernorm\n"
+            "problem = aot.toolchain_problem(90)\n"
+            "out = []\n"
+            "for c in [] if problem else layernorm.aot_configs((torch.bfloat16,), variants=((2, True),),\n"
+            "                                                  shapes=((3, 5),)):\n"
+            "    d = dict(c.constexprs)\n"
+            "    ptx = aot.compile_config(c, 90).asm['ptx']\n"
+            "    out.append([c.name, d.get('MODE'), bool(d.get('PERSISTENT')), d.get('ZONEOUT'), d['RESET'],\n"
+            "                re.findall(r'\\b(?:atom|red)\\.\\S+', ptx)])\n"
+            "print(json.dumps(dict(problem=problem, configs=out)))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    if got["problem"]:
+        pytest.skip(got["problem"])
+    configs = got["configs"]
+    assert {"ln_hw_kernel", "ln_fwd_kernel", "ln_dh_kernel", "ln_bwd_kernel"} == {c[0] for c in configs}
+    for mode in ("LSTM", "GRU"):
+        for persistent in (False, True):
+            for name in ("ln_fwd_kernel", "ln_bwd_kernel"):
+                assert [name, mode, persistent, 2, True] in [c[:5] for c in configs], (name, mode, persistent)
+    assert all(c[4] for c in configs) and not any(c[5] for c in configs), configs
