@@ -78,6 +78,150 @@ def _restart(reset, d, idx, alive):
 
 def scan_forward(mode, xg, w_hh, b_hh, w_hr, h0, c0, lengths, save, zoneout=None, zoneout_p=0.0,
                  reset=None):
+    if lengths is None:
+        with torch.no_grad():
+            return _forward_dense(mode, xg, w_hh, b_hh, w_hr, h0, c0, save, zoneout, zoneout_p, reset)
+    return _forward_gathered(mode, xg, w_hh, b_hh, w_hr, h0, c0, lengths, save, zoneout, zoneout_p, reset)
+
+
+def _forward_dense(mode, xg, w_hh, b_hh, w_hr, h0, c0, save, zoneout, zoneout_p, reset):
+    """scan_forward without lengths: every row is at the same time, so each step's operands are
+    views made once before the loop (unbind), and each step writes into preallocated storage with
+    out= / in-place ops: the saved workspace itself in training, one reused buffer in inference, and
+    the output y directly when it has the work dtype. Per step that is the cell's own ops and
+    nothing else (a small layer's time is its per-step op count; a large one's is not spent
+    allocating). Computes exactly what _forward_gathered computes, operation for operation."""
+    D, T, B, GH = xg.shape
+    P = w_hh.shape[2]
+    H = GH // GATES[mode]
+    dt, wdt = xg.dtype, work_dtype(xg.dtype)
+    dev = xg.device
+    lstm, gru = mode == "LSTM", mode == "GRU"
+    same = dt == wdt
+    y = xg.new_empty(T, B, D * P)
+    hn = xg.new_empty(D, B, P)
+    cn = xg.new_empty(D, B, H) if lstm else xg.new_empty(0)
+    W, C = saved_widths(mode, H)
+    if save:
+        hp = torch.empty(D, T, B, P, dtype=wdt, device=dev)
+        gates = torch.empty(D, T, B, W, dtype=wdt, device=dev)
+        cs = torch.empty(D, T, B, C, dtype=wdt, device=dev)
+    else:
+        hp, gates, cs = (xg.new_empty(0, dtype=wdt) for _ in range(3))
+
+    def buf(*shape):
+        return torch.empty(*shape, dtype=wdt, device=dev)
+
+    def rows(a):
+        """a (T or 1, ...) -> its T per-step views (one view repeated: a reused buffer)."""
+        v = a.unbind(0)
+        return v if a.shape[0] == T else v * T
+
+    q = 1 - zoneout_p
+    blend = zoneout is None and zoneout_p > 0
+    zoned = zoneout is not None or blend
+    proj = w_hr is not None
+    for d in range(D):
+        h_init = h0[d].to(wdt)
+        c_init = c0[d].to(wdt) if lstm else None
+        whh_t = w_hh[d].to(wdt).T
+        whr_t = w_hr[d].to(wdt).T if proj else None
+        bhh = b_hh[d].to(wdt) if b_hh is not None else None
+        xs = xg[d].unbind(0)
+        ys = y[:, :, d * P:(d + 1) * P].unbind(0)
+        G = gates[d] if save else buf(1, B, W)
+        pre = rows(G)
+        if save:
+            hps = hp[d].unbind(0)
+            css = cs[d].unbind(0) if lstm else None
+        if zoneout is not None:
+            zs = zoneout[d].unbind(0)
+        if reset is not None:
+            restart = reset[d].unsqueeze(-1).unbind(0)
+            any_restart = reset[d].any(-1).tolist()
+        # storage of the new h: y itself (same dtype) or a work-dtype buffer copied into y
+        h_buf = None if same else buf(B, P)
+        # the cell's own new h where it is not the step's result (zoneout blends it; projection)
+        h_cell_buf = buf(B, P) if zoned else None
+        tmp = buf(B, P) if blend else None
+        if lstm:
+            sig_if, g_, o_ = rows(G[..., :2 * H]), rows(G[..., 2 * H:3 * H]), rows(G[..., 3 * H:])
+            i_, f_ = rows(G[..., :H]), rows(G[..., H:2 * H])
+            c_buf, tc = buf(B, H), buf(B, H)
+            h_raw = buf(B, H) if proj else None
+            c = c_init
+        elif gru:
+            if bhh is None:
+                bhh = torch.zeros(GH, dtype=wdt, device=dev)
+            hg = buf(B, GH)
+            hg_rz, hg_n = hg[:, :2 * H], hg[:, 2 * H:]
+            x_rz, x_n = rows(xg[d, :, :, :2 * H]), rows(xg[d, :, :, 2 * H:])
+            rz_, r_, z_ = rows(G[..., :2 * H]), rows(G[..., :H]), rows(G[..., H:2 * H])
+            n_, hn_ = rows(G[..., 2 * H:3 * H]), rows(G[..., 3 * H:])
+        h = h_init
+        for t in (range(T - 1, -1, -1) if d == 1 else range(T)):
+            if reset is not None and any_restart[t]:
+                h = torch.where(restart[t], h_init, h)
+                if lstm:
+                    c = torch.where(restart[t], c_init, c, out=c_buf)
+            if save:
+                hps[t].copy_(h)
+                if lstm:
+                    css[t].copy_(c)
+            out = ys[t] if same else h_buf
+            cell_out = h_cell_buf if zoned else out
+            if lstm:
+                p_ = pre[t]
+                if bhh is not None:
+                    torch.add(xs[t], bhh, out=p_)
+                else:
+                    p_.copy_(xs[t])
+                p_.addmm_(h, whh_t)
+                sig_if[t].sigmoid_()
+                g_[t].tanh_()
+                o_[t].sigmoid_()
+                c = torch.mul(f_[t], c, out=c_buf)
+                c.addcmul_(i_[t], g_[t])
+                torch.tanh(c, out=tc)
+                if proj:
+                    torch.mm(torch.mul(o_[t], tc, out=h_raw), whr_t, out=cell_out)
+                else:
+                    torch.mul(o_[t], tc, out=cell_out)
+            elif gru:
+                torch.addmm(bhh, h, whh_t, out=hg)
+                rz = torch.add(x_rz[t], hg_rz, out=rz_[t])
+                rz.sigmoid_()
+                n = torch.mul(r_[t], hg_n, out=n_[t])
+                n.add_(x_n[t])
+                n.tanh_()
+                if save:
+                    hn_[t].copy_(hg_n)
+                torch.lerp(n, h, z_[t], out=cell_out)  # (1 - z) n + z h, as torch's GRU cell
+            else:
+                p_ = pre[t]
+                if bhh is not None:
+                    torch.add(xs[t], bhh, out=p_)
+                else:
+                    p_.copy_(xs[t])
+                p_.addmm_(h, whh_t)
+                p_.tanh_() if mode == "RNN_TANH" else p_.relu_()
+                cell_out.copy_(p_)
+            if zoneout is not None:
+                torch.where(zs[t], h, cell_out, out=out)
+            elif blend:
+                torch.mul(cell_out, q, out=tmp)
+                torch.mul(h, zoneout_p, out=out).add_(tmp)
+            if not same:
+                ys[t].copy_(out)
+            h = out
+        hn[d].copy_(h)
+        if lstm:
+            cn[d].copy_(c)
+    return y, hn, cn, hp, gates, cs
+
+
+def _forward_gathered(mode, xg, w_hh, b_hh, w_hr, h0, c0, lengths, save, zoneout, zoneout_p, reset):
+    """scan_forward with lengths: each row's time index is gathered per step."""
     D, T, B, GH = xg.shape
     P = w_hh.shape[2]
     H = GH // GATES[mode]
