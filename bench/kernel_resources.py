@@ -2,9 +2,11 @@
 compiled ahead of time for sm_90 / sm_80 (no GPU needed).
 
     python bench/kernel_resources.py [--select groups|all] [--arch 90 --arch 80] [--dtype fp32 ...]
-                                     [--mode LSTM ...] [--jobs N] [--json out.json] [--compare before.json]
+                                     [--mode LSTM ...] [--set plain|variants|layernorm ...] [--jobs N]
+                                     [--json out.json] [--compare before.json]
 
-Configurations come from fusedrnn.kernels.aot (the launchers' own code on meta tensors); resource
+Configurations come from fusedrnn.kernels.aot (the launchers' own code on meta tensors: the plain
+scan kernels, the scan kernels with zoneout / reset, the LayerNorm kernels); resource
 usage from the cuobjdump inside the Triton wheel (triton/backends/nvidia/bin). Spills show as STACK
 (the per-thread stack frame in local memory; these kernels have no stack arrays, so any STACK is
 spilled registers) or LOCAL. "shared" is Triton's dynamic shared memory (cuobjdump only sees the
@@ -71,6 +73,8 @@ def main(argv=None):
     ap.add_argument("--select", default="groups", choices=["groups", "all"])
     ap.add_argument("--dtype", action="append", help="only these dtypes (fp32, fp16, bf16, fp64)")
     ap.add_argument("--mode", action="append", help="only these modes")
+    ap.add_argument("--set", action="append", choices=aot.SETS,
+                    help="only these configuration sets (repeatable; default all: plain, variants, layernorm)")
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--json", help="write the raw results here")
     ap.add_argument("--compare", help="a --json file of an earlier run: list differences, exit 1 on more spills")
@@ -78,18 +82,18 @@ def main(argv=None):
     if aot.cuobjdump_path() is None:
         sys.exit("cuobjdump not found (looked in the Triton wheel and on PATH)")
     archs = tuple(args.arch or [90])
-    configs = aot.select(aot.kernel_configs(), args.select)
+    configs = aot.select(aot.kernel_configs(sets=tuple(args.set or aot.SETS)), args.select)
     if args.dtype:
         configs = [c for c in configs if c.dtype in args.dtype]
     if args.mode:
-        configs = [c for c in configs if dict(c.constexprs).get("MODE", "LSTM") in args.mode]
+        configs = [c for c in configs if c.mode in args.mode]
     results = aot.compile_many(configs, archs, args.jobs, resources=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=0)
     print(f"{', '.join(f'sm_{a}' for a in archs)}, Triton {aot.triton.__version__}, "
           f"{datetime.date.today().isoformat()}; flags: B bias, L lengths, J projection, S save, "
-          "P persistent, X grid barrier\n")
+          "P persistent, X grid barrier, z1 / z2 zoneout (eval probability / training mask), r reset\n")
     print("| arch | kernel | config (mode/dtype/flags/precision/blocks/warps) | regs | shared B | "
           "spill (stack+local) B | dot |")
     print("|---|---|---|---|---|---|---|")

@@ -17,7 +17,8 @@ Route (what runs a module call; recorded as ``module.last_backend``):
 
 Kernel (which implementation of the scan runs inside the fusedrnn::layer op; ``last_kernels``):
 - "loop" for the "loop" route; on the "triton" route "persistent" when
-  fusedrnn.kernels.plan_for() can hold the layer on this device, else "stepwise".
+  fusedrnn.kernels.plan_for() can hold the layer on this device with the variants it runs with
+  (zoneout, reset: their tiles count), else "stepwise".
 - The module's ``kernel`` attribute, or $FUSEDRNN_KERNEL when that is "auto", forces "stepwise" or
   "persistent"; a persistent kernel that cannot hold the layer raises.
 - While torch.compile / torch.export trace, the choice is left to the op ("auto", resolved inside
@@ -161,8 +162,9 @@ def resolve(backend, device, compiling=False):
     return route
 
 
-def choose_kernel(route, kernel, mode, D, B, H, P, dtype, device):
-    """The kernel of one layer on `route` ("triton" or "loop"); see the module docstring."""
+def choose_kernel(route, kernel, mode, D, B, H, P, dtype, device, zoneout=False, reset=False):
+    """The kernel of one layer on `route` ("triton" or "loop"); see the module docstring. zoneout /
+    reset: whether the layer runs with those variants (the persistent plan counts their tiles)."""
     if route == "loop":
         return LOOP_KERNEL
     env = os.environ.get("FUSEDRNN_KERNEL", "").strip()
@@ -174,10 +176,11 @@ def choose_kernel(route, kernel, mode, D, B, H, P, dtype, device):
         # A traced graph (torch.compile, torch.export) must not read the batch size here: the
         # op resolves "auto" itself from the concrete sizes (fusedrnn/ops.py).
         return kernel
-    if kernels().plan_for(mode, D, B, H, P, dtype, device) is not None:
+    if kernels().plan_for(mode, D, B, H, P, dtype, device, zoneout=zoneout, reset=reset) is not None:
         return "persistent"
     if kernel == "persistent":
+        variants = "".join(f", {n}" for n, on in (("zoneout", zoneout), ("reset", reset)) if on)
         raise BackendUnavailableError(
             f"kernel='persistent' cannot hold this layer (mode={mode}, directions={D}, batch={B}, "
-            f"hidden={H}, proj={P if P != H else 0}, dtype={dtype}) on {device}; use kernel='stepwise'")
+            f"hidden={H}, proj={P if P != H else 0}, dtype={dtype}{variants}) on {device}; use kernel='stepwise'")
     return "stepwise"

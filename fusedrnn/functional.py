@@ -128,7 +128,8 @@ def run_layers(mode, x, lengths, hx, weights, *, num_layers, bidirectional, drop
         save = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (layer_in, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0))
         chosen = choose_kernel(route, kernel, mode, D, layer_in.shape[1], w_hh.shape[1] // GATES[mode],
-                               w_hh.shape[2], layer_in.dtype, layer_in.device)
+                               w_hh.shape[2], layer_in.dtype, layer_in.device, zoneout=zoneout > 0,
+                               reset=resets is not None)
         if last_kernels is not None:
             last_kernels.append(chosen)
         if not torch.compiler.is_compiling():

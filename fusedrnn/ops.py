@@ -73,15 +73,16 @@ def _variant_kw(zoneout, zoneout_p, reset):
     return kw
 
 
-def _scan(kernel, allow_tf32, mode, x, w_hh):
+def _scan(kernel, allow_tf32, mode, x, w_hh, zoneout=None, zoneout_p=0.0, reset=None):
     """(forward, backward, keyword arguments) of the scan implementation named by `kernel`;
-    "auto" is resolved here from the concrete sizes of the layer (x (T, B, I), w_hh (D, GH, P))."""
+    "auto" is resolved here from the concrete sizes of the layer (x (T, B, I), w_hh (D, GH, P))
+    and the variants it runs with."""
     if kernel == LOOP_KERNEL:
         return loop.scan_forward, loop.scan_backward, {}
     if kernel == "auto":
         D, GH, P = w_hh.shape
         kernel = choose_kernel("triton", "auto", mode, D, x.shape[1], GH // GATES[mode], P, x.dtype,
-                               x.device)
+                               x.device, zoneout=zoneout is not None or zoneout_p > 0, reset=reset is not None)
     k = kernels()
     return k.scan_forward, k.scan_backward, {"kernel": kernel, "allow_tf32": allow_tf32}
 
@@ -104,7 +105,7 @@ def layer(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], w_hh: Tensor, b_hh: O
           zoneout_p: float = 0.0, reset: Optional[Tensor] = None
           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One layer, all directions: returns y, hn, cn, and the workspace hp, gates, cs."""
-    forward, _, kw = _scan(kernel, allow_tf32, mode, x, w_hh)
+    forward, _, kw = _scan(kernel, allow_tf32, mode, x, w_hh, zoneout, zoneout_p, reset)
     xg = _input_projection(x, w_ih, b_ih)
     return tuple(forward(mode, xg, w_hh.contiguous(), b_hh, w_hr, h0.contiguous(),
                          None if c0 is None else c0.contiguous(), lengths, save, **kw,
@@ -163,7 +164,7 @@ def layer_backward(dy: Tensor, dhn: Tensor, dcn: Optional[Tensor], x: Tensor, w_
     the weight and bias gradients are per block, with a leading dimension of size `groups` (what
     the vmap rule uses for per-sample gradients)."""
     D, GH, P = w_hh.shape
-    _, backward, kw = _scan(kernel, allow_tf32, mode, x, w_hh)
+    _, backward, kw = _scan(kernel, allow_tf32, mode, x, w_hh, zoneout, zoneout_p, reset)
     dxg, dgh, dh0, dc0, dhp = backward(mode, dy.contiguous(), dhn.contiguous(),
                                        None if dcn is None else dcn.contiguous(),
                                        w_hh.contiguous(), w_hr, lengths, hp, gates, cs, **kw,

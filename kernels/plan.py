@@ -122,9 +122,26 @@ MAX_PERSISTENT_B = 64
 # stays on the general rule.
 HALF_WEIGHT_BYTES = 32 * 1024
 HALF_MAX_BLOCK_B = 16
+# The variants' tiles (kernels/scan.py: ZONEOUT, RESET), in [BLOCK_H, BLOCK_B] tiles besides the
+# cell's own. Zoneout: the blend weight z and the h_{t-1} it keeps (backward: z and the whole dh)
+# and their masked loads; reset: the initial state as the dot's operand (one [BLOCK_K, BLOCK_B]
+# tile more), the unit's own h0 / c0 and, in the backward, the dh0 / dc0 accumulator of the
+# restarted rows. Calibrated on the resource table with the variants on (sm_90): at 4 / 3 tiles no
+# admitted plan spills, while the plain budget's edge (LSTM H = 32 at B = 16, RNN H = 64 at B = 32)
+# spilled 24-64 B with either variant.
+ZONEOUT_TILES = 4
+RESET_TILES = 3
+# Half precision with a variant: the float32 accumulators plus the variant tiles (zoneout 1,
+# reset 2; the weights are in shared memory) must stay within HALF_ACC_VALUES per thread. 16 is
+# what the plain rule's largest plan holds (LSTM H = 64 at B = 16), so the plain plans do not
+# change; with the variants on, LSTM H = 64 spilled 16-88 B, GRU H = 64 with reset 8-24 B and
+# RNN H = 128 with both 24 B, while GRU H = 64 / RNN H = 128 with zoneout alone did not spill.
+HALF_ACC_VALUES = 16
+HALF_ZONEOUT_TILES = 1
+HALF_RESET_TILES = 2
 
 
-def persistent_plan(mode, D, B, H, P, dtype, num_sms, smem_per_block):
+def persistent_plan(mode, D, B, H, P, dtype, num_sms, smem_per_block, zoneout=False, reset=False):
     """Launch plan of the persistent kernels for this layer, or None if they cannot hold it.
 
     One program per direction (no grid barrier; directions are independent) when every weight of
@@ -132,7 +149,11 @@ def persistent_plan(mode, D, B, H, P, dtype, num_sms, smem_per_block):
     32 KiB of weights at B <= 16, see HALF_WEIGHT_BYTES). Otherwise, only when
     FUSEDRNN_GRID_BARRIER=1, several programs per direction that exchange h through global memory
     and meet at a grid barrier every step; all of them must be resident at once, hence
-    D * programs <= num_sms. That path has not run on hardware, so it is opt-in."""
+    D * programs <= num_sms. That path has not run on hardware, so it is opt-in.
+
+    zoneout / reset: the layer runs with those variants, whose tiles count against the budgets
+    (ZONEOUT_TILES, RESET_TILES; HALF_*), so a plan with them is the plain plan or smaller (None
+    where the plain plan is at the edge). Off, the plan is the plain one."""
     check_choice(mode, MODES, "mode")
     G = GATES[mode]
     elem = 8 if dtype == torch.float64 else 4
@@ -140,10 +161,14 @@ def persistent_plan(mode, D, B, H, P, dtype, num_sms, smem_per_block):
     BLOCK_K = _clamp_block(max(H, P), 1 << 30)
     if B > MAX_PERSISTENT_B:
         return None
+    variant_tiles = ZONEOUT_TILES * bool(zoneout) + RESET_TILES * bool(reset)
+    half_variant_tiles = HALF_ZONEOUT_TILES * bool(zoneout) + HALF_RESET_TILES * bool(reset)
+    threads = 32 * PERSISTENT_WARPS
 
     def fits(block_h):
         values = G * block_h * BLOCK_K + G * block_h * BLOCK_B + BLOCK_K * BLOCK_B
-        per_thread = values * (elem // 4) / (32 * PERSISTENT_WARPS)
+        values += variant_tiles * block_h * BLOCK_B + (BLOCK_K * BLOCK_B if reset else 0)
+        per_thread = values * (elem // 4) / threads
         # the dot stages one weight tile and h through shared memory
         smem = (block_h * BLOCK_K + BLOCK_K * BLOCK_B) * elem
         return per_thread <= REG_BUDGET and smem <= smem_per_block
@@ -152,8 +177,9 @@ def persistent_plan(mode, D, B, H, P, dtype, num_sms, smem_per_block):
         weights = G * block_h * BLOCK_K * 2
         # weights staged for the tensor cores, plus the h / hi / lo tiles
         smem = weights + 4 * BLOCK_K * BLOCK_B * 4
+        acc = (G + half_variant_tiles) * block_h * BLOCK_B / threads
         return (dtype in HALF_DTYPES and P == H and BLOCK_B <= HALF_MAX_BLOCK_B
-                and weights <= HALF_WEIGHT_BYTES and smem <= smem_per_block)
+                and weights <= HALF_WEIGHT_BYTES and acc <= HALF_ACC_VALUES and smem <= smem_per_block)
 
     def plan(block_h, grid_sync):
         return PersistentPlan(grid=(D, 1, triton.cdiv(H, block_h)), BLOCK_B=BLOCK_B, BLOCK_H=block_h,
@@ -174,7 +200,7 @@ def persistent_plan(mode, D, B, H, P, dtype, num_sms, smem_per_block):
     return None
 
 
-def plan_for(mode, D, B, H, P, dtype, device):
+def plan_for(mode, D, B, H, P, dtype, device, zoneout=False, reset=False):
     """persistent_plan with the limits of `device` (device_limits): the plan the persistent
     launchers use, or None when the persistent kernels cannot hold the layer there."""
-    return persistent_plan(mode, D, B, H, P, dtype, *device_limits(device))
+    return persistent_plan(mode, D, B, H, P, dtype, *device_limits(device), zoneout=zoneout, reset=reset)

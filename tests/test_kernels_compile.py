@@ -4,13 +4,15 @@ The configurations come from fusedrnn.kernels.aot.kernel_configs, which runs the
 code on meta tensors, so these tests follow any change of block sizes or flags. Compilation runs
 in a subprocess without TRITON_INTERPRET (the interpreter, which tests/conftest.py enables on
 machines without CUDA, replaces @triton.jit functions and cannot compile them). sm_90: one
-configuration of every (kernel, mode, dtype, persistent, grid barrier, projection; for stepwise
-LSTM also tf32 / ieee) group, the one with every optional feature on, plus the barrier-only kernel
-(kernels/barrier.py); sm_80: 12 of those, evenly spread.
+configuration of every plain (kernel, mode, dtype, persistent, grid barrier, projection; for
+stepwise LSTM also tf32 / ieee) group, the one with every optional feature on, plus the
+barrier-only kernel (kernels/barrier.py); the variants (zoneout / reset) and the LayerNorm
+kernels: a handful at the plan's edge, with their resources (the whole table of them is
+bench/kernel_resources.py); sm_80: 12 configurations of all sets, evenly spread.
 
 The tests skip only when the toolchain says it cannot compile for the arch (no NVIDIA backend in
 this Triton, or no ptxas); any other failure, an ImportError in the kernels included, fails.
-About 3 minutes on 2 cores with an empty Triton cache.
+About 4 minutes on 2 cores with an empty Triton cache.
 """
 import json
 import os
@@ -69,7 +71,7 @@ def _check(results):
 
 @pytest.fixture(scope="module")
 def sm90(toolchain):
-    results = _compile("--arch", "90")
+    results = _compile("--arch", "90", "--set", "plain")
     _check(results)
     return results
 
@@ -161,3 +163,71 @@ def test_step_index_arguments_are_not_specialized():
     assert got == {"scan_fwd_kernel": ["s_begin", "s_end"], "scan_bwd_kernel": ["i_begin", "i_end"],
                    "lstm_proj_fwd_kernel": ["s"], "lstm_proj_bwd_kernel": ["s"],
                    "grid_barrier_kernel": ["n_steps"]}, got
+
+
+def _listing(code, timeout=600):
+    proc = subprocess.run([sys.executable, "-c", "import json, torch\nfrom fusedrnn.kernels import aot\n" + code],
+                          env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_aot_lists_the_variant_and_layernorm_configurations():
+    """kernels/aot.py lists the scan kernels with zoneout (eval probability z1, training mask z2)
+    and reset (r), their bool masks typed as Triton's JIT types a bool tensor, each persistent
+    shape only where the plan admits it with those variants, and the LayerNorm kernels. Listing
+    only (no compiler), so this runs wherever the kernels import."""
+    got = _listing(
+        "from triton.runtime.jit import mangle_type\n"
+        "cs = aot.kernel_configs(modes=('LSTM', 'GRU'), dtypes=(torch.float32,))\n"
+        "out = dict(labels=sorted({(c.name, c.label) for c in cs}),\n"
+        "           masks=sorted({t for c in cs for n, t in c.signature\n"
+        "                         if n in ('p_zm', 'p_reset') and t != 'constexpr'}),\n"
+        "           bool_ptr=mangle_type(torch.empty(1, dtype=torch.bool, device='meta')))\n"
+        "print(json.dumps(out))\n")
+    labels = [tuple(x) for x in got["labels"]]
+    assert got["masks"] == [got["bool_ptr"]], got
+    flags = {(name, label.split("/")[0], label.split("/")[2]) for name, label in labels}
+    for name in ("scan_fwd_kernel", "scan_bwd_kernel"):
+        for mode in ("LSTM", "GRU"):
+            for persistent in ("-", "P"):
+                for var in ("z1", "z2", "r", "z2r"):
+                    assert any(n == name and m == mode and f[4] == persistent and f[6:] == var
+                               for n, m, f in flags), (name, mode, persistent, var)
+    # zoneout with a projection is refused by the launchers: never listed
+    assert not any("J" in f and "z" in f[6:] for _, _, f in flags)
+    # the plain plan's edge (float32 LSTM H = 32, B = 16) is listed plain, not with a variant
+    edge = [f for name, label in labels if name == "scan_bwd_kernel" and label.startswith("LSTM/fp32/")
+            and "B16.H32.K32" in label for f in [label.split("/")[2]] if "P" in f and "J" not in f]
+    assert edge and all(len(f) == 6 for f in edge), edge
+    names = {name for name, _ in labels}
+    assert {"ln_hw_kernel", "ln_fwd_kernel", "ln_dh_kernel", "ln_bwd_kernel"} <= names, names
+    assert any(name == "ln_fwd_kernel" and label.split("/")[2][4] == "P" for name, label in labels)
+
+
+def test_variant_configurations_at_the_plan_edge_compile_without_spills(toolchain):
+    """The largest persistent plans with zoneout (training mask) and reset on, float32 and
+    bfloat16 LSTM / RNN, compiled for sm_90: no spills (the plan counts the variants' tiles;
+    kernels/plan.py), and the LayerNorm persistent kernels compile."""
+    assert aot_cuobjdump(), "cuobjdump (shipped in the Triton wheel) is needed to read spills"
+    got = _listing(
+        "cs = aot.select(aot.kernel_configs(modes=('LSTM', 'RNN_TANH'), dtypes=(torch.float32, torch.bfloat16),\n"
+        "                                   sets=('variants', 'layernorm')))\n"
+        "pick = [c for c in cs if dict(c.constexprs).get('PERSISTENT') and not dict(c.constexprs).get('GRID_SYNC')\n"
+        "        and (dict(c.constexprs).get('ZONEOUT') == 2 and dict(c.constexprs).get('RESET')\n"
+        "             or c.name.startswith('ln_') and c.mode == 'LSTM' and c.dtype == 'bf16')]\n"
+        "print(json.dumps(aot.compile_many(pick, (90,), resources=True)))\n", timeout=900)
+    _check(got)
+    scan = [r for r in got if r["kernel"].startswith("scan_")]
+    assert len(scan) == 8 and len(got) == 10, [(r["kernel"], r["label"]) for r in got]
+    spills = [(r["kernel"], r["label"], r["usage"]) for r in scan
+              if (r["usage"]["stack"] or 0) + (r["usage"]["local"] or 0)]
+    assert not spills, spills
+
+
+def aot_cuobjdump():
+    proc = subprocess.run([sys.executable, "-c", "from fusedrnn.kernels import aot; print(aot.cuobjdump_path())"],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip().splitlines()[-1] != "None"
+
