@@ -1,17 +1,22 @@
 """LayerNorm LSTM / GRU: fusedrnn's layers against the plain fused layer and the hand-written
 PyTorch step loop a user would write (fusedrnn.layernorm.ln_cell_step per step, autograd backward).
 
-    python bench/layernorm_bench.py [--mode LSTM --mode GRU] [--threads 1] [--repeat 5] [--md out.md]
+    python bench/layernorm_bench.py [--mode LSTM --mode GRU] [--budget 3] [--md out.md]
     python bench/layernorm_bench.py --gpu        # bench/gpu_check.sh: T=512, B=64, H=512, bf16
     python bench/layernorm_bench.py --resources  # sm_90 registers / spills of the LN kernels
 
 CPU (default): per (mode, T, B, H) and pass ("train" = forward + backward of sum(y), "infer" =
-forward under no_grad), the median wall time of --repeat runs after one warm-up of
+forward under no_grad), the time of
     fused-LN    fusedrnn.LayerNorm{LSTM,GRU}, default backend (CPU: the PyTorch scan with the
                 hand-written backward, fusedrnn::ln_layer)
     user-loop   the step loop with autograd, each step's two LayerNorms by F.layer_norm
     plain       fusedrnn.{LSTM,GRU} (torch's own fused op on CPU): what LayerNorm adds
-and the ratio user-loop / fused-LN (> 1: fusedrnn faster).
+and the ratio user-loop / fused-LN (> 1: fusedrnn faster). Timed as `fusedrnn bench` times CPU
+points (fusedrnn/tools/sweep.py: time_cpu_interleaved): one torch thread, CPU time of the calling
+thread, the three interleaved call by call after two warm-up calls each, --budget seconds of calls
+per candidate and point, and the median of the calls within FAST_BAND (1.3x) of that candidate's
+fastest call (the uncontended ones: a core of the shared VM this runs on alternates between full
+and about half speed in millisecond stretches). --threads N > 1 times wall clock instead.
 
 GPU (--gpu): the same three at the issue's target shape, forward + backward, CUDA events; the
 targets are fused-LN <= 1.3 x plain (Triton) and >= 10 x faster than user-loop.
@@ -28,6 +33,7 @@ import torch
 
 import fusedrnn
 from fusedrnn import layernorm as L
+from fusedrnn.tools.sweep import FAST_BAND, CpuTiming, time_cpu_interleaved
 
 CPU_SHAPES = ((100, 64, 256), (100, 16, 128), (500, 1, 64))
 
@@ -69,11 +75,29 @@ def _candidates(mode, I, H, device, dtype, backend="auto"):
     ln = (fusedrnn.LayerNormLSTM if mode == "LSTM" else fusedrnn.LayerNormGRU)(I, H, device=device, dtype=dtype,
                                                                               backend=backend)
     plain = (fusedrnn.LSTM if mode == "LSTM" else fusedrnn.GRU)(I, H, device=device, dtype=dtype, backend=backend)
-    return {"fused-LN": lambda x: ln(x)[0], "user-loop": user_loop(mode, ln), "plain": lambda x: plain(x)[0]}
+    return {"fused-LN": lambda x: ln(x)[0], "user-loop": user_loop(mode, ln), "plain": lambda x: plain(x)[0],
+            "_modules": (ln, plain)}
+
+
+def _cpu_runs(cands, x, train):
+    """{name: (fn, tensors whose .grad is cleared before each call)} for time_cpu_interleaved."""
+    def call(f):
+        def fn():
+            xx = x.detach().requires_grad_(train)
+            if train:
+                f(xx).sum().backward()
+            else:
+                with torch.no_grad():
+                    f(xx)
+        return fn
+    params = [p for m in cands["_modules"] for p in m.parameters()]
+    return {k: (call(f), params) for k, f in cands.items() if not k.startswith("_")}
 
 
 def cpu(args):
     torch.set_num_threads(args.threads)
+    timing = CpuTiming(clock="cpu" if args.threads == 1 else "wall", budget_s=args.budget)
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows = []
     for mode in args.mode:
         for T, B, H in CPU_SHAPES:
@@ -81,30 +105,45 @@ def cpu(args):
             x = torch.randn(T, B, H)
             cands = _candidates(mode, H, H, "cpu", torch.float32)
             for train in (True, False):
-                t = {k: _time(f, x, train, args.repeat) for k, f in cands.items()}
-                rows.append((mode, T, B, H, "train" if train else "infer", t))
+                res, errors, stretch = time_cpu_interleaved(_cpu_runs(cands, x, train), timing)
+                if errors:
+                    raise RuntimeError(errors)
+                t = {k: q["median"] for k, q in res.items()}
+                kept = {k: q["kept"] for k, q in res.items()}
+                rows.append((mode, T, B, H, "train" if train else "infer", t, kept, stretch))
                 print(f"{mode:4} T={T:3} B={B:2} H={H:3} {'train' if train else 'infer'}: "
-                      + "  ".join(f"{k} {v * 1e3:8.2f} ms" for k, v in t.items())
+                      + "  ".join(f"{k} {v:8.2f} ms" for k, v in t.items())
                       + f"  user-loop/fused-LN {t['user-loop'] / t['fused-LN']:.2f}x"
-                      + f"  fused-LN/plain {t['fused-LN'] / t['plain']:.2f}x", flush=True)
+                      + f"  fused-LN/plain {t['fused-LN'] / t['plain']:.2f}x"
+                      + f"  kept {' / '.join(f'{v:.2f}' for v in kept.values())}  wall/CPU {stretch:.2f}",
+                      flush=True)
     if args.md:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        clock = timing.describe(args.threads)["clock_text"]
         with open(args.md, "w") as f:
             f.write(f"# LayerNorm LSTM/GRU on CPU ({datetime.date.today()})\n\n"
-                    f"`python bench/layernorm_bench.py --threads {args.threads} --repeat {args.repeat}`; "
+                    f"`python bench/layernorm_bench.py --budget {args.budget:g}`; "
                     f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-                    f"{os.cpu_count()} cores, {args.threads} thread(s), load average {load:.1f} at the end; "
-                    f"float32, input_size = H, one layer, one direction; median of {args.repeat} runs after a "
-                    f"warm-up. train = forward + backward of sum(y); infer = forward under no_grad.\n\n"
+                    f"{os.cpu_count()} cores, load average {load0:.1f} at the start, {load:.1f} at the end; "
+                    f"float32, input_size = H, one layer, one direction. train = forward + backward of sum(y); "
+                    f"infer = forward under no_grad.\n\n"
+                    f"Timing (fusedrnn/tools/sweep.py's CPU timing, as `fusedrnn bench`): {args.threads} torch "
+                    f"thread(s); {clock}; the three candidates interleaved call by call after two warm-up "
+                    f"calls each, {timing.budget_s:g} s of calls per candidate and point (at least "
+                    f"{timing.min_reps}); ms = the median of the calls within {FAST_BAND}x of that candidate's "
+                    f"fastest call (the uncontended ones: this VM's cores alternate between full and about "
+                    f"half speed). kept = the fraction of calls inside that band (fused-LN / user-loop / "
+                    f"plain); wall / CPU = the timed calls' wall time over their CPU time.\n\n"
                     "fused-LN: fusedrnn.LayerNorm* on its CPU default (the PyTorch scan with the hand-written "
                     "backward, one fusedrnn::ln_layer op per layer); user-loop: the step loop with autograd "
                     "(F.layer_norm per step); plain: fusedrnn.LSTM / GRU (torch's fused op, no LayerNorm).\n\n"
                     "| mode | T | B | H | pass | fused-LN ms | user-loop ms | plain ms | user-loop / fused-LN | "
-                    "fused-LN / plain |\n|---|---|---|---|---|---|---|---|---|---|\n")
-            for mode, T, B, H, p, t in rows:
-                f.write(f"| {mode} | {T} | {B} | {H} | {p} | {t['fused-LN'] * 1e3:.2f} | {t['user-loop'] * 1e3:.2f} "
-                        f"| {t['plain'] * 1e3:.2f} | {t['user-loop'] / t['fused-LN']:.2f}x | "
-                        f"{t['fused-LN'] / t['plain']:.2f}x |\n")
+                    "fused-LN / plain | kept | wall / CPU |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            for mode, T, B, H, p, t, kept, stretch in rows:
+                f.write(f"| {mode} | {T} | {B} | {H} | {p} | {t['fused-LN']:.2f} | {t['user-loop']:.2f} "
+                        f"| {t['plain']:.2f} | {t['user-loop'] / t['fused-LN']:.2f}x | "
+                        f"{t['fused-LN'] / t['plain']:.2f}x | {' / '.join(f'{v:.2f}' for v in kept.values())} "
+                        f"| {stretch:.2f} |\n")
         print(f"wrote {args.md}")
 
 
@@ -118,7 +157,8 @@ def gpu(args):
         torch.manual_seed(0)
         x = torch.randn(T, B, H, device=dev, dtype=torch.bfloat16)
         cands = _candidates(mode, H, H, dev, torch.bfloat16, backend="triton")
-        t = {k: _time(f, x, True, args.repeat, torch.cuda.synchronize) for k, f in cands.items()}
+        t = {k: _time(f, x, True, args.repeat, torch.cuda.synchronize) for k, f in cands.items()
+             if not k.startswith("_")}
         vs_plain, vs_loop = t["fused-LN"] / t["plain"], t["user-loop"] / t["fused-LN"]
         hit = vs_plain <= 1.3 and vs_loop >= 10
         ok = ok and (hit or mode != "LSTM")
@@ -156,7 +196,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mode", action="append", choices=["LSTM", "GRU"])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=5, help="--gpu: timed runs (median)")
+    ap.add_argument("--budget", type=float, default=3.0,
+                    help="CPU: timing budget per candidate and point, seconds (default 3)")
     ap.add_argument("--md", help="write the CPU table as markdown here")
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--resources", action="store_true")

@@ -307,6 +307,152 @@ def scan_backward(mode, dy, dhn, dcn, w_hh, w_hr, lengths, hp, gates, cs, zoneou
     Zoneout splits the gradient of h_t: (1 - z) of it enters the cell, z of it goes straight to
     h_{t-1}. At a reset the gradient of the state entering the step belongs to h0/c0 (collected
     in dh0/dc0 over every reset step), and nothing reaches the step before."""
+    if lengths is None:
+        with torch.no_grad():
+            return _backward_dense(mode, dy, dhn, dcn, w_hh, w_hr, hp, gates, cs, zoneout, zoneout_p, reset)
+    return _backward_gathered(mode, dy, dhn, dcn, w_hh, w_hr, lengths, hp, gates, cs, zoneout, zoneout_p,
+                              reset)
+
+
+def _backward_dense(mode, dy, dhn, dcn, w_hh, w_hr, hp, gates, cs, zoneout, zoneout_p, reset):
+    """scan_backward without lengths, built as _forward_dense: per-step views made once, results
+    written straight into dxg / dgh (or a work-dtype buffer copied there), state gradients in
+    reused buffers. The same formulas as _backward_gathered, grouped into fewer ops: the sigmoid
+    derivative s (1 - s) of all four LSTM gates in one pass, the products by dc_t of three gates
+    in one broadcast multiply."""
+    D, T, B, P = hp.shape
+    GH = w_hh.shape[1]
+    H = GH // GATES[mode]
+    dt, wdt = dy.dtype, hp.dtype
+    dev = dy.device
+    lstm, gru = mode == "LSTM", mode == "GRU"
+    same = dt == wdt
+    dxg = torch.empty(D, T, B, GH, dtype=dt, device=dev)
+    dgh = torch.empty_like(dxg) if gru else dxg
+    proj = w_hr is not None
+    dhp = torch.empty(D, T, B, P, dtype=dt, device=dev) if proj else None
+    dh0 = dy.new_empty(D, B, P)
+    dc0 = dy.new_empty(D, B, H) if lstm else dy.new_empty(0)
+    blend = zoneout is None and zoneout_p > 0
+    q = 1 - zoneout_p
+    one = torch.ones((), dtype=wdt, device=dev)
+
+    def buf(*shape):
+        return torch.empty(*shape, dtype=wdt, device=dev)
+
+    for d in range(D):
+        whh = w_hh[d].to(wdt)
+        whr = w_hr[d].to(wdt) if proj else None
+        dh = dhn[d].to(wdt)
+        dc = dcn[d].to(wdt) if lstm else None
+        dys = dy[:, :, d * P:(d + 1) * P].unbind(0)
+        hps = hp[d].unbind(0)
+        G = gates[d]
+        gs = G.unbind(0)
+        dX = dxg[d] if same else buf(1, B, GH).expand(T, B, GH)  # a work buffer: the same view each step
+        dxs = dX.unbind(0)
+        if not same:
+            dx_out = dxg[d].unbind(0)
+        if proj:
+            dhps = dhp[d].unbind(0)
+            dh_raw = buf(B, H)
+        if zoneout is not None:
+            zs = zoneout[d].unbind(0)
+        if reset is not None:
+            restart = reset[d].unsqueeze(-1).unbind(0)
+            any_restart = reset[d].any(-1).tolist()
+            dh_reset = torch.zeros(B, P, dtype=wdt, device=dev)
+            dc_reset = torch.zeros(B, H, dtype=wdt, device=dev) if lstm else None
+        dh_t, dh_b = buf(B, P), buf(B, P)
+        if lstm:
+            i_, f_, g_, o_ = (G[..., k * H:(k + 1) * H].unbind(0) for k in range(4))
+            css = cs[d].unbind(0)
+            dI, dF, dG, dO = (dX[..., k * H:(k + 1) * H].unbind(0) for k in range(4))
+            dIFG = dX[..., :3 * H].unflatten(-1, (3, H)).unbind(0)
+            tc, dc_t, dc_b = buf(B, H), buf(B, H), buf(B, H)
+            dc_t3 = dc_t.unsqueeze(1)
+        elif gru:
+            r_, z_, n_, hl_ = (G[..., k * H:(k + 1) * H].unbind(0) for k in range(4))
+            dR, dZ, dN = (dX[..., k * H:(k + 1) * H].unbind(0) for k in range(3))
+            dRZ = dX[..., :2 * H].unbind(0)
+            dHid = dgh[d] if same else buf(1, B, GH).expand(T, B, GH)
+            dhs = dHid.unbind(0)
+            dhRZ, dhN = dHid[..., :2 * H].unbind(0), dHid[..., 2 * H:].unbind(0)
+            if not same:
+                dh_out = dgh[d].unbind(0)
+            omz = buf(B, H)
+        for t in (range(T) if d == 1 else range(T - 1, -1, -1)):
+            torch.add(dh, dys[t], out=dh_t)
+            if zoneout is not None:
+                keep = zs[t]
+                dh_cell = dh_t.masked_fill(keep, 0)
+                dh_direct = torch.where(keep, dh_t, 0)
+            elif blend:
+                dh_cell = torch.mul(dh_t, q)
+                dh_direct = torch.mul(dh_t, zoneout_p)
+            else:
+                dh_cell, dh_direct = dh_t, None
+            h_prev = hps[t]
+            dx = dxs[t]
+            if lstm:
+                i, f, g, o, c_prev = i_[t], f_[t], g_[t], o_[t], css[t]
+                torch.mul(f, c_prev, out=tc).addcmul_(i, g).tanh_()  # tanh(c_t), as the forward
+                if proj:
+                    dhps[t].copy_(dh_cell)
+                    torch.mm(dh_cell, whr, out=dh_raw)
+                    dhr = dh_raw
+                else:
+                    dhr = dh_cell
+                torch.addcmul(one, tc, tc, value=-1, out=dc_t).mul_(o).mul_(dhr).add_(dc)
+                torch.neg(gs[t], out=dx).add_(1).mul_(gs[t])  # s (1 - s); the g slot is replaced:
+                torch.addcmul(one, g, g, value=-1, out=dG[t])  # 1 - g^2
+                dI[t].mul_(g)
+                dF[t].mul_(c_prev)
+                dG[t].mul_(i)
+                dO[t].mul_(tc).mul_(dhr)
+                dIFG[t].mul_(dc_t3)
+                dh_prev = torch.mm(dx, whh, out=dh_b)
+                dc_prev = torch.mul(dc_t, f, out=dc_b)
+            elif gru:
+                r, z, n, hl = r_[t], z_[t], n_[t], hl_[t]
+                torch.neg(z, out=omz).add_(1)
+                dn = torch.addcmul(one, n, n, value=-1, out=dN[t]).mul_(dh_cell).mul_(omz)
+                torch.sub(h_prev, n, out=dZ[t]).mul_(dh_cell).mul_(z).mul_(omz)
+                torch.neg(r, out=dR[t]).add_(1).mul_(r).mul_(hl).mul_(dn)
+                dhRZ[t].copy_(dRZ[t])
+                torch.mul(dn, r, out=dhN[t])
+                dh_prev = torch.mul(dh_cell, z, out=dh_b).addmm_(dhs[t], whh)
+            else:
+                hc = gs[t]
+                if mode == "RNN_TANH":
+                    torch.addcmul(one, hc, hc, value=-1, out=dx).mul_(dh_cell)
+                else:
+                    torch.mul(dh_cell, hc > 0, out=dx)
+                dh_prev = torch.mm(dx, whh, out=dh_b)
+            if dh_direct is not None:
+                dh_prev.add_(dh_direct)
+            if reset is not None and any_restart[t]:
+                rs = restart[t]
+                dh_reset.add_(torch.where(rs, dh_prev, 0))
+                dh_prev.masked_fill_(rs, 0)
+                if lstm:
+                    dc_reset.add_(torch.where(rs, dc_prev, 0))
+                    dc_prev.masked_fill_(rs, 0)
+            if not same:
+                dx_out[t].copy_(dx)
+                if gru:
+                    dh_out[t].copy_(dhs[t])
+            dh = dh_prev
+            if lstm:
+                dc = dc_prev
+        dh0[d].copy_(dh if reset is None else dh + dh_reset)
+        if lstm:
+            dc0[d].copy_(dc if reset is None else dc + dc_reset)
+    return dxg, dgh, dh0, dc0, dhp
+
+
+def _backward_gathered(mode, dy, dhn, dcn, w_hh, w_hr, lengths, hp, gates, cs, zoneout, zoneout_p, reset):
+    """scan_backward with lengths: each row's time index is gathered per step."""
     D, T, B, P = hp.shape
     GH = w_hh.shape[1]
     H = GH // GATES[mode]
