@@ -109,8 +109,10 @@ class PersistentPlan:
 
 
 # Register budget of one persistent CTA (8 warps), in float32-sized values per thread: resident
-# weights + gate accumulators + the h operand tile, float64 counting twice. 26 (LSTM H = 32,
-# B = 16) compiles with at most 40 B of spills; 44 and above spill 40-1700 B.
+# weights + gate accumulators + the h operand tile, float64 counting twice. 44 and above spill
+# 40-1700 B. Within it, the LSTM projection's backward at H = 32 (26) runs out of registers by
+# 40 B; other spills of 8-64 B within it come from Triton's ptxas option --regAllocOptLevel=2 at
+# 64-128 registers (docs/design.md: Resource usage), which no smaller plan avoids.
 REG_BUDGET = 32
 PERSISTENT_WARPS = 8
 MAX_PERSISTENT_B = 64
@@ -124,18 +126,20 @@ HALF_WEIGHT_BYTES = 32 * 1024
 HALF_MAX_BLOCK_B = 16
 # The variants' tiles (kernels/scan.py: ZONEOUT, RESET), in [BLOCK_H, BLOCK_B] tiles besides the
 # cell's own. Zoneout: the blend weight z and the h_{t-1} it keeps (backward: z and the whole dh)
-# and their masked loads; reset: the initial state as the dot's operand (one [BLOCK_K, BLOCK_B]
+# with their masked loads; reset: the initial state as the dot's operand (one [BLOCK_K, BLOCK_B]
 # tile more), the unit's own h0 / c0 and, in the backward, the dh0 / dc0 accumulator of the
-# restarted rows. Calibrated on the resource table with the variants on (sm_90): at 4 / 3 tiles no
-# admitted plan spills, while the plain budget's edge (LSTM H = 32 at B = 16, RNN H = 64 at B = 32)
-# spilled 24-64 B with either variant.
-ZONEOUT_TILES = 4
+# restarted rows. Calibrated on sm_90 compiles with the variants on (bench/kernel_resources.py):
+# with 3 / 3 no admitted plan runs out of registers, while these did at 243-255 registers:
+# zoneout float32 LSTM H = 16 at B = 64 (8 B) and RNN H = 32 at B = 64 (16 B); reset float32
+# RNN H = 64 at B = 32 (64 B) and the LSTM projection H = 32 at B = 16 (24 B).
+ZONEOUT_TILES = 3
 RESET_TILES = 3
 # Half precision with a variant: the float32 accumulators plus the variant tiles (zoneout 1,
 # reset 2; the weights are in shared memory) must stay within HALF_ACC_VALUES per thread. 16 is
 # what the plain rule's largest plan holds (LSTM H = 64 at B = 16), so the plain plans do not
 # change; with the variants on, LSTM H = 64 spilled 16-88 B, GRU H = 64 with reset 8-24 B and
-# RNN H = 128 with both 24 B, while GRU H = 64 / RNN H = 128 with zoneout alone did not spill.
+# RNN H = 128 with both 24 B (all at 255 registers), while GRU H = 64 / RNN H = 128 with zoneout
+# alone did not spill.
 HALF_ACC_VALUES = 16
 HALF_ZONEOUT_TILES = 1
 HALF_RESET_TILES = 2

@@ -68,18 +68,27 @@ def test_variant_plans_are_the_plain_plan_or_refused(no_grid_barrier, variants):
                             assert plan(mode, B, H, dtype, P, reset=True) is not None
 
 
-@pytest.mark.parametrize("variants", VARIANTS, ids=VARIANT_IDS)
-def test_variants_refuse_the_plain_edge(no_grid_barrier, variants):
-    """At the plain budget's edge the variants' tiles spilled 24-88 B (sm_90: float32 LSTM H = 32
-    at B = 16, RNN H = 64 at B = 32, half precision LSTM H = 64): those plans are refused with
-    either variant on, and a smaller layer of the same cell still gets one program."""
-    for mode, B, H, dtype, smaller in (("LSTM", 16, 32, torch.float32, (32, 16)),
-                                       ("RNN_TANH", 32, 64, torch.float32, (16, 32)),
-                                       ("LSTM", 16, 64, torch.bfloat16, (16, 32)),
-                                       ("LSTM", 16, 64, torch.float16, (32, 16))):
-        assert plan(mode, B, H, dtype) is not None
-        assert plan(mode, B, H, dtype, **variants) is None, (mode, dtype, variants)
-        assert plan(mode, *smaller, dtype, **variants) is not None, (mode, dtype, smaller, variants)
+# (mode, B, H, P, dtype, variant): plain plans that ran out of registers (243-255) with that
+# variant on, sm_90 (spills in brackets), and a smaller layer of the same cell that still gets one
+# program with it.
+EDGES = [("LSTM", 64, 16, 16, torch.float32, "zoneout", (32, 16)),      # 8 B
+         ("RNN_TANH", 64, 32, 32, torch.float32, "zoneout", (32, 32)),  # 16 B
+         ("RNN_TANH", 32, 64, 64, torch.float32, "reset", (32, 32)),    # 64 B
+         ("LSTM", 16, 32, 16, torch.float32, "reset", (16, 16)),        # projection, 24 B
+         ("LSTM", 16, 64, 64, torch.bfloat16, "zoneout", (16, 32)),     # 32-56 B
+         ("LSTM", 16, 64, 64, torch.float16, "reset", (16, 32)),        # 16-80 B
+         ("GRU", 16, 64, 64, torch.bfloat16, "reset", (16, 32))]        # 8 B
+
+
+@pytest.mark.parametrize("mode, B, H, P, dtype, variant, smaller", EDGES)
+def test_variants_refuse_the_plain_edge(no_grid_barrier, mode, B, H, P, dtype, variant, smaller):
+    """At the plain budget's edge the variants' tiles ran out of registers (kernels/plan.py:
+    ZONEOUT_TILES, RESET_TILES, HALF_*): those plans are refused with that variant on, and a
+    smaller layer of the same cell still gets one program."""
+    sP = smaller[1] if P == H else P // 2
+    assert plan(mode, B, H, dtype, P) is not None
+    assert plan(mode, B, H, dtype, P, **{variant: True}) is None
+    assert plan(mode, *smaller, dtype, sP, **{variant: True}) == plan(mode, *smaller, dtype, sP)
 
 
 def test_half_precision_zoneout_alone_keeps_the_widest_gru_and_rnn(no_grid_barrier):
@@ -106,17 +115,17 @@ def test_grid_barrier_plans_shrink_with_the_variants(monkeypatch):
 def test_dispatch_plans_with_the_variants_the_layer_runs_with(no_grid_barrier):
     """"auto" takes the persistent kernel only where the plan holds the layer with its variants;
     an explicit "persistent" that the variants push over the budget raises and names them."""
-    args = ("triton", "auto", "LSTM", 1, 16, 32, 32, torch.float32, torch.device("cpu"))
+    args = ("triton", "auto", "LSTM", 1, 64, 16, 16, torch.float32, torch.device("cpu"))
     assert dispatch.choose_kernel(*args) == "persistent"
     assert dispatch.choose_kernel(*args, zoneout=True) == "stepwise"
     assert dispatch.choose_kernel(*args, reset=True) == "stepwise"
     with pytest.raises(BackendUnavailableError, match="zoneout, reset"):
         dispatch.choose_kernel("triton", "persistent", *args[2:], zoneout=True, reset=True)
     # the op resolves "auto" with the variants it is given
-    x = torch.zeros(2, 16, 3)
-    w_hh = torch.zeros(1, 4 * 32, 32)
+    x = torch.zeros(2, 64, 3)
+    w_hh = torch.zeros(1, 4 * 16, 16)
     assert ops._scan("auto", False, "LSTM", x, w_hh)[2]["kernel"] == "persistent"
     assert ops._scan("auto", False, "LSTM", x, w_hh, None, 0.1, None)[2]["kernel"] == "stepwise"
-    reset = torch.zeros(1, 2, 16, dtype=torch.bool)
+    reset = torch.zeros(1, 2, 64, dtype=torch.bool)
     assert ops._scan("auto", False, "LSTM", x, w_hh, None, 0.0, reset)[2]["kernel"] == "stepwise"
     assert os.environ.get("FUSEDRNN_GRID_BARRIER") is None
