@@ -292,8 +292,9 @@ def select(configs, how="groups"):
             variants = True
         key = (c.name, c.mode, c.dtype, d.get("PERSISTENT"), d.get("GRID_SYNC"), d.get("HAS_PROJ"),
                d.get("PREC") if c.mode == "LSTM" and not d.get("PERSISTENT") else None, variants)
+        units = d.get("BLOCK_H", d.get("BLOCK_P", d.get("BLOCK_M", 0)))
         score = (sum(bool(d.get(k)) for k in ("HAS_BIAS", "HAS_HB", "HAS_LEN", "SAVE")),
-                 d.get("ZONEOUT") or 0, bool(d.get("RESET")), d.get("BLOCK_K", 0) * d.get("BLOCK_H", d.get("BLOCK_P", d.get("BLOCK_M", 0))) * d.get("BLOCK_B", 0))
+                 d.get("ZONEOUT") or 0, bool(d.get("RESET")), d.get("BLOCK_K", 0) * units * d.get("BLOCK_B", 0))
         if key not in best or score > best[key][0]:
             best[key] = (score, c)
     return [c for _, c in best.values()]
