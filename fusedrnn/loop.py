@@ -25,6 +25,12 @@ Variants (fusedrnn/reference.py defines them):
               (already shifted for the reverse direction: reference.reset_for_direction)
     hp and cs hold the state actually entering the step (h0/c0 at a reset), RNN's `gates` the
     cell's own h~ (before the zoneout blend).
+Two implementations of each direction: without lengths (_forward_dense / _backward_dense, the CPU
+default's case and the one that has to be fast: per-step views made once, every step's results
+written into preallocated storage by out= / in-place ops, so a step costs its cell's ops and no
+allocation) and with lengths (_forward_gathered / _backward_gathered: each row's time index
+gathered per step). They compute the same formulas; results agree to rounding (the dense path
+applies each activation to its gate's slice, so a few elements differ by an ulp).
 """
 from __future__ import annotations
 
@@ -34,9 +40,8 @@ from .spec import GATES, saved_widths, work_dtype
 
 
 class _Steps:
-    """Reads and writes at the time index of each row at step s of direction d. Without lengths
-    every row is at the same time, so plain slices replace the gathers (the common case, and what
-    keeps this loop as fast as a hand-written one)."""
+    """Reads and writes at the time index of each row at step s of direction d (the gathered
+    paths; without lengths every row is at the same time and the dense paths index by t)."""
 
     def __init__(self, lengths, T, B, device):
         self.lengths, self.T = lengths, T
@@ -117,7 +122,6 @@ def _forward_dense(mode, xg, w_hh, b_hh, w_hr, h0, c0, save, zoneout, zoneout_p,
         v = a.unbind(0)
         return v if a.shape[0] == T else v * T
 
-    q = 1 - zoneout_p
     blend = zoneout is None and zoneout_p > 0
     zoned = zoneout is not None or blend
     proj = w_hr is not None
@@ -143,7 +147,6 @@ def _forward_dense(mode, xg, w_hh, b_hh, w_hr, h0, c0, save, zoneout, zoneout_p,
         h_buf = None if same else buf(B, P)
         # the cell's own new h where it is not the step's result (zoneout blends it; projection)
         h_cell_buf = buf(B, P) if zoned else None
-        tmp = buf(B, P) if blend else None
         if lstm:
             sig_if, g_, o_ = rows(G[..., :2 * H]), rows(G[..., 2 * H:3 * H]), rows(G[..., 3 * H:])
             i_, f_ = rows(G[..., :H]), rows(G[..., H:2 * H])
@@ -209,8 +212,7 @@ def _forward_dense(mode, xg, w_hh, b_hh, w_hr, h0, c0, save, zoneout, zoneout_p,
             if zoneout is not None:
                 torch.where(zs[t], h, cell_out, out=out)
             elif blend:
-                torch.mul(cell_out, q, out=tmp)
-                torch.mul(h, zoneout_p, out=out).add_(tmp)
+                torch.lerp(cell_out, h, zoneout_p, out=out)  # p h + (1 - p) h~ in one op
             if not same:
                 ys[t].copy_(out)
             h = out
