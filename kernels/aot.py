@@ -203,16 +203,16 @@ def kernel_configs(modes=MODES, dtypes=_DTYPES, sets=SETS, variants=VARIANTS):
 
     def persistent(mode, dtype, B, H, Pp, P, grid_sync, *features, zoneout, reset):
         """The launches of this shape where the plan with these variants admits it with this
-        grid_sync, and only if the launcher's blocks are that plan's (kernels/scan.py: _tiles
-        must plan with the variants too; a launcher that plans without them is not listed
-        where that differs, e.g. a grid-barrier plan that the variants shrink)."""
+        grid_sync (the launchers plan with the variants they run with, kernels/scan.py: _tiles,
+        so a grid-barrier plan that the variants shrink is listed shrunk)."""
         plan = plan_for(mode, 2, B, H, P, dtype, _META, zoneout=zoneout > 0, reset=reset)
         if plan is None or plan.grid_sync != grid_sync:
             return []
         launches = _launches_of(mode, dtype, "persistent", B, H, Pp, *features, zoneout=zoneout, reset=reset)
         cells = [ln.args for ln in launches if "PERSISTENT" in ln.args]
         if any((a["BLOCK_H"], a["p_sync"] is not None) != (plan.BLOCK_H, plan.grid_sync) for a in cells):
-            return []
+            raise RuntimeError(f"{mode} {dtype} B={B} H={H} P={P} zoneout={zoneout} reset={reset}: the "
+                               "launchers' blocks are not plan_for's")
         return launches
 
     for mode, dtype, (zoneout, reset) in itertools.product(modes, dtypes, combos):

@@ -419,16 +419,24 @@ def lstm_proj_bwd_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-def _tiles(kernel, mode, D, B, H, P, dtype, device):
+def _tiles(kernel, mode, D, B, H, P, dtype, device, zoneout=False, reset=False):
     """The plan (persistent) or StepConfig (stepwise) the launch uses; ValueError if the
-    persistent kernel cannot hold the layer."""
+    persistent kernel cannot hold the layer. zoneout / reset: whether the launch runs with those
+    variants; the persistent plan counts their tiles (plan_for, as fusedrnn.dispatch asks it), so
+    the plan launched is the plan the dispatch chose the kernel by."""
     if kernel == "stepwise":
         return step_config(mode, B, H, P, dtype)
-    plan = plan_for(mode, D, B, H, P, dtype, device)
+    plan = plan_for(mode, D, B, H, P, dtype, device, zoneout=zoneout, reset=reset)
     if plan is None:
+        variants = "".join(f", {n}" for n, on in (("zoneout", zoneout), ("reset", reset)) if on)
         raise ValueError(f"kernel='persistent' cannot hold this layer ({mode}, D={D}, B={B}, H={H}, "
-                         f"P={P}, {dtype}): plan_for returned None; use kernel='stepwise'")
+                         f"P={P}, {dtype}{variants}): plan_for returned None; use kernel='stepwise'")
     return plan
+
+
+def _variant_flags(zoneout, zoneout_p, reset):
+    """(zoneout on, reset on) as the plans take them."""
+    return dict(zoneout=zoneout is not None or zoneout_p > 0, reset=reset is not None)
 
 
 def _sync(tiles, D, device):
@@ -500,12 +508,13 @@ def forward_launches(mode, xg, w_hh, b_hh, w_hr, h0, c0, lengths, save, kernel, 
         hp, gates, cs = new((D, T, B, P), wdt, dev), new((D, T, B, W), wdt, dev), new((D, T, B, C), wdt, dev)
     else:
         hp, gates, cs = (xg.new_empty(0, dtype=wdt) for _ in range(3))  # distinct: op outputs may not alias
-    tiles = _tiles(kernel, mode, D, B, H, P, dt, dev)
+    variants = _variant_args(zoneout, zoneout_p, reset, D, T, B, P, wdt, dev, w_hr is not None)
+    tiles = _tiles(kernel, mode, D, B, H, P, dt, dev, **_variant_flags(zoneout, zoneout_p, reset))
     sync = _sync(tiles, D, dev)
     prec = dot_precision(dt, allow_tf32, dev)
     args = dict(
         p_xg=xg, p_whh=w_hh, p_bhh=b_hh, p_whr=w_hr, p_h0=h0, p_c0=c0 if lstm else None, p_len=lengths,
-        **_variant_args(zoneout, zoneout_p, reset, D, T, B, P, wdt, dev, w_hr is not None),
+        **variants,
         p_y=y, p_hn=hn, p_cn=cn if lstm else None, p_hp=hp if save else None,
         p_gates=gates if save else None, p_cs=cs if save and lstm else None,
         p_hst=new((2, D, B, P), wdt, dev), p_cst=new((2, D, B, H), wdt, dev) if lstm else None,
@@ -575,7 +584,8 @@ def backward_launches(mode, dy, dhn, dcn, w_hh, w_hr, lengths, hp, gates, cs, ke
     dh0 = new((D, B, P), dt, dev)
     dc0 = new((D, B, H), dt, dev) if lstm else dy.new_empty(0)
     dhp = new((D, T, B, P), dt, dev) if proj else None
-    tiles = _tiles(kernel, mode, D, B, H, P, dt, dev)
+    variants = _variant_args(zoneout, zoneout_p, reset, D, T, B, P, wdt, dev, proj)
+    tiles = _tiles(kernel, mode, D, B, H, P, dt, dev, **_variant_flags(zoneout, zoneout_p, reset))
     sync = _sync(tiles, D, dev)
     prec = dot_precision(dt, allow_tf32, dev)
     # the dh0 / dc0 accumulators of the restarts: zeroed, never poisoned
@@ -584,7 +594,7 @@ def backward_launches(mode, dy, dhn, dcn, w_hh, w_hr, lengths, hp, gates, cs, ke
     args = dict(
         p_dy=dy, p_dhn=dhn, p_dcn=dcn if lstm else None, p_whh=w_hh, p_whr=w_hr, p_len=lengths,
         p_hp=hp, p_gates=gates, p_cs=cs if lstm else None,
-        **_variant_args(zoneout, zoneout_p, reset, D, T, B, P, wdt, dev, proj),
+        **variants,
         p_dh0acc=dh0acc, p_dc0acc=dc0acc,
         p_dxg=dxg, p_dgh=dgh if mode == "GRU" else None, p_dh0=dh0, p_dc0=dc0 if lstm else None, p_dhp=dhp,
         p_dghbuf=new((2, D, B, GH), wdt, dev), p_carry=new((2, D, B, P), wdt, dev),

@@ -11,6 +11,7 @@ import torch
 import fusedrnn.kernels as K
 from fusedrnn import dispatch, ops
 from fusedrnn.errors import BackendUnavailableError
+from fusedrnn.spec import GATES
 
 SM90 = (132, 227 * 1024)
 VARIANTS = [dict(zoneout=True), dict(reset=True), dict(zoneout=True, reset=True)]
@@ -129,3 +130,106 @@ def test_dispatch_plans_with_the_variants_the_layer_runs_with(no_grid_barrier):
     reset = torch.zeros(1, 2, 64, dtype=torch.bool)
     assert ops._scan("auto", False, "LSTM", x, w_hh, None, 0.0, reset)[2]["kernel"] == "stepwise"
     assert os.environ.get("FUSEDRNN_GRID_BARRIER") is None
+
+
+META = torch.device("meta")
+
+
+def _meta_launches(mode, dtype, B, H, P, zoneout, reset, D=2, T=2):
+    """The persistent launchers' forward and backward launches of this layer on meta tensors
+    (planned as an sm_90), with zoneout's training mask / reset on as asked."""
+    from fusedrnn.kernels.scan import backward_launches, forward_launches
+    G = GATES[mode]
+    lstm = mode == "LSTM"
+    e = lambda *s, d=dtype: torch.empty(*s, dtype=d, device=META)  # noqa: E731
+    w_hh, w_hr = e(D, G * H, P), e(D, P, H) if P != H else None
+    var = dict(zoneout=e(D, T, B, P, d=torch.bool) if zoneout else None,
+               reset=e(D, T, B, d=torch.bool) if reset else None)
+    outs, fwd, _ = forward_launches(mode, e(D, T, B, G * H), w_hh, e(D, G * H), w_hr, e(D, B, P),
+                                    e(D, B, H) if lstm else None, None, True, "persistent", False, **var)
+    y, hn, cn, hp, gates, cs = outs
+    _, bwd, _ = backward_launches(mode, y, hn, cn if lstm else None, w_hh, w_hr, None, hp, gates, cs,
+                                  "persistent", False, **var)
+    return list(fwd) + list(bwd)
+
+
+@pytest.mark.parametrize("grid_barrier", ["0", "1"])
+def test_launchers_run_the_plan_the_dispatch_chose(monkeypatch, grid_barrier):
+    """kernels/scan.py: _tiles plans with the variants the launch runs with, so for every layer
+    the dispatch's choice and the launchers agree: where plan_for (with the variants) refuses,
+    the dispatch raises BackendUnavailableError for kernel='persistent' and the launchers
+    ValueError; where it admits, both launches (forward, backward) run exactly that plan, the
+    grid-barrier plans that the variants shrink included."""
+    monkeypatch.setenv("FUSEDRNN_GRID_BARRIER", grid_barrier)
+    checked = refused = 0
+    for mode, dtype in (("LSTM", torch.float32), ("RNN_TANH", torch.float32), ("GRU", torch.bfloat16),
+                        ("LSTM", torch.float64)):
+        for B, H, P in ((64, 16, 16), (16, 32, 32), (16, 32, 16), (32, 64, 64), (8, 128, 128), (16, 64, 64)):
+            if P != H and mode != "LSTM":
+                continue
+            for zoneout, reset in ((False, False), (True, False), (False, True), (True, True)):
+                if zoneout and P != H:
+                    continue  # zoneout of a projected state: the launchers refuse it
+                want = K.plan_for(mode, 2, B, H, P, dtype, META, zoneout=zoneout, reset=reset)
+                args = ("triton", "persistent", mode, 2, B, H, P, dtype, META)
+                if want is None:
+                    refused += 1
+                    with pytest.raises(BackendUnavailableError):
+                        dispatch.choose_kernel(*args, zoneout=zoneout, reset=reset)
+                    with pytest.raises(ValueError, match="plan_for returned None"):
+                        _meta_launches(mode, dtype, B, H, P, zoneout, reset)
+                    continue
+                checked += 1
+                assert dispatch.choose_kernel(*args, zoneout=zoneout, reset=reset) == "persistent"
+                cells = [ln for ln in _meta_launches(mode, dtype, B, H, P, zoneout, reset)
+                         if "PERSISTENT" in ln.args]
+                assert len(cells) == 2
+                for ln in cells:
+                    got = (tuple(ln.grid), ln.args["BLOCK_B"], ln.args["BLOCK_H"], ln.args["BLOCK_K"],
+                           ln.num_warps, ln.args["p_sync"] is not None)
+                    assert got == (tuple(want.grid), want.BLOCK_B, want.BLOCK_H, want.BLOCK_K, want.num_warps,
+                                   want.grid_sync), (mode, dtype, B, H, P, zoneout, reset)
+    assert checked > 20 and refused > 10, (checked, refused)
+
+
+def test_grid_barrier_launch_shrinks_with_the_variants(monkeypatch):
+    """The grid-barrier plan that the variants shrink (test_grid_barrier_plans_shrink_with_the_
+    variants) is the one launched: more programs of fewer units than the plain launch."""
+    monkeypatch.setenv("FUSEDRNN_GRID_BARRIER", "1")
+    plain = [ln for ln in _meta_launches("RNN_TANH", torch.float32, 8, 128, 128, False, False)
+             if "PERSISTENT" in ln.args]
+    both = [ln for ln in _meta_launches("RNN_TANH", torch.float32, 8, 128, 128, True, True)
+            if "PERSISTENT" in ln.args]
+    assert {ln.args["BLOCK_H"] for ln in plain} == {plan("RNN_TANH", 8, 128, torch.float32).BLOCK_H}
+    assert {ln.args["BLOCK_H"] for ln in both} == {
+        plan("RNN_TANH", 8, 128, torch.float32, zoneout=True, reset=True).BLOCK_H}
+    assert both[0].grid[2] > plain[0].grid[2]
+
+
+@pytest.mark.parametrize("variant", ["zoneout", "zoneout_p", "reset"])
+def test_direct_persistent_scan_refuses_what_the_variants_plan_refuses(no_grid_barrier, variant):
+    """A direct scan_forward / scan_backward(kernel='persistent') with a variant plans with it: a
+    layer whose plain plan holds but whose variant plan does not (float32 LSTM H = 16, B = 64)
+    raises the launchers' ValueError naming the variant before any launch, as the dispatch
+    raises BackendUnavailableError for it; without the variant the same layer is planned."""
+    D, T, B, H = 1, 2, 64, 16
+    dev = torch.device("cpu")
+    kw = {"zoneout": dict(zoneout=torch.zeros(D, T, B, H, dtype=torch.bool)), "zoneout_p": dict(zoneout_p=0.25),
+          "reset": dict(reset=torch.zeros(D, T, B, dtype=torch.bool))}[variant]
+    flags = dict(zoneout=variant != "reset", reset=variant == "reset")
+    name = "reset" if variant == "reset" else "zoneout"
+    assert K.plan_for("LSTM", D, B, H, H, torch.float32, dev) is not None
+    assert K.plan_for("LSTM", D, B, H, H, torch.float32, dev, **flags) is None
+    with pytest.raises(BackendUnavailableError, match=name):
+        dispatch.choose_kernel("triton", "persistent", "LSTM", D, B, H, H, torch.float32, dev, **flags)
+    z = lambda *s, dt=torch.float32: torch.zeros(*s, dtype=dt)  # noqa: E731
+    with pytest.raises(ValueError, match=f"{name}\\): plan_for returned None"):
+        K.scan_forward("LSTM", z(D, T, B, 4 * H), z(D, 4 * H, H), None, None, z(D, B, H), z(D, B, H), None, True,
+                       kernel="persistent", **kw)
+    with pytest.raises(ValueError, match=f"{name}\\): plan_for returned None"):
+        K.scan_backward("LSTM", z(T, B, H), z(D, B, H), z(D, B, H), z(D, 4 * H, H), None, None, z(D, T, B, H),
+                        z(D, T, B, 4 * H), z(D, T, B, H), kernel="persistent", **kw)
+    # the checks up to the plan pass without the variant (nothing launched: the plan is all asked)
+    from fusedrnn.kernels.scan import _tiles
+    assert _tiles("persistent", "LSTM", D, B, H, H, torch.float32, dev) == K.plan_for(
+        "LSTM", D, B, H, H, torch.float32, dev)
