@@ -377,23 +377,25 @@ def triton_kernels():
     return _KERNELS[0]
 
 
-def choose_kernel(route, kernel, mode, D, B, H, dtype, device):
+def choose_kernel(route, kernel, mode, D, B, H, dtype, device, zoneout=False, reset=False):
     """The scan implementation of one layer: "loop" on the loop route; on the triton route
-    "persistent" when fusedrnn.kernels.layernorm.ln_plan holds the layer on this device, else
-    "stepwise"; an explicit kernel wins ("persistent" that cannot be planned raises). Under
-    torch.compile the op resolves "auto" itself from the concrete sizes."""
+    "persistent" when fusedrnn.kernels.layernorm.ln_plan holds the layer on this device with the
+    variants it runs with (zoneout, reset: their tiles count), else "stepwise"; an explicit
+    kernel wins ("persistent" that cannot be planned raises). Under torch.compile the op
+    resolves "auto" itself from the concrete sizes."""
     if route == "loop":
         return LOOP_KERNEL
     if kernel == "stepwise":
         return kernel
     if torch.compiler.is_compiling():
         return kernel
-    if triton_kernels().ln_plan(mode, D, B, H, dtype, device) is not None:
+    if triton_kernels().ln_plan(mode, D, B, H, dtype, device, zoneout=zoneout, reset=reset) is not None:
         return "persistent"
     if kernel == "persistent":
+        variants = "".join(f", {n}" for n, on in (("zoneout", zoneout), ("reset", reset)) if on)
         raise BackendUnavailableError(
             f"kernel='persistent' cannot hold this LayerNorm layer (mode={mode}, directions={D}, "
-            f"batch={B}, hidden={H}, dtype={dtype}) on {device}; use kernel='stepwise'")
+            f"batch={B}, hidden={H}, dtype={dtype}{variants}) on {device}; use kernel='stepwise'")
     return "stepwise"
 
 
@@ -409,7 +411,10 @@ def _scan(kernel, allow_tf32, mode, x, w_hh, variants=None):
         return scan_forward, scan_backward, dict(variants or {})
     if kernel == "auto":
         D, GH, H = w_hh.shape
-        kernel = choose_kernel("triton", "auto", mode, D, x.shape[1], H, x.dtype, x.device)
+        v = variants or {}
+        kernel = choose_kernel("triton", "auto", mode, D, x.shape[1], H, x.dtype, x.device,
+                               zoneout=v.get("zoneout") is not None or (v.get("zoneout_p") or 0.0) > 0,
+                               reset=v.get("reset") is not None)
     k = triton_kernels()
     return k.ln_scan_forward, k.ln_scan_backward, {"kernel": kernel, "allow_tf32": allow_tf32, **(variants or {})}
 
@@ -601,7 +606,7 @@ def run_ln_layers(mode, x, lengths, hx, weights, *, num_layers, bidirectional, d
         save = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (layer_in, w_ih, w_hh, b_x, b_h, g_x, g_h, g_c, b_c, h0, c0))
         chosen = choose_kernel(route, kernel, mode, D, layer_in.shape[1], w_hh.shape[2], layer_in.dtype,
-                               layer_in.device)
+                               layer_in.device, zoneout=zoneout > 0, reset=resets is not None)
         if last_kernels is not None:
             last_kernels.append(chosen)
         if not torch.compiler.is_compiling():

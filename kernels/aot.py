@@ -5,7 +5,8 @@ meta tensors (planned as an sm_90, kernels/plan.py: device_limits) of a few shap
 every block-size clamp, so this list cannot drift from the launch code. The scan kernels are
 listed plain and with the variants (VARIANTS: zoneout's eval probability or training mask, reset),
 each shape only where the plan admits it with those variants on; the LayerNorm kernels come from
-kernels/layernorm.py's own listing (aot_configs, which runs its launchers the same way); the
+kernels/layernorm.py's own listing (aot_configs, which runs its launchers the same way), plain
+and with the same variants, each persistent shape only where ln_plan admits it with them; the
 barrier-only kernel (kernels/barrier.py) is listed once, from its own launcher, with the grid
 barrier on and one program per SM. A launch's keyword arguments become a signature the way
 Triton's JIT sees them: heuristics applied, None arguments constexpr, bool tensors (the zoneout
@@ -188,7 +189,8 @@ def kernel_configs(modes=MODES, dtypes=_DTYPES, sets=SETS, variants=VARIANTS):
     """Every distinct (kernel, signature, constexprs, num_warps) the launchers produce, from the
     sets named in `sets`: "plain" the scan kernels without variants and the barrier-only kernel,
     "variants" the scan kernels with each (zoneout, reset) of `variants`, "layernorm" the
-    LayerNorm kernels (kernels/layernorm.py: aot_configs)."""
+    LayerNorm kernels plain and with the variants (kernels/layernorm.py: aot_configs,
+    AOT_VARIANTS)."""
     unknown = set(sets) - set(SETS)
     if unknown:
         raise ValueError(f"unknown configuration sets {sorted(unknown)}; choose from {SETS}")
@@ -238,8 +240,8 @@ def kernel_configs(modes=MODES, dtypes=_DTYPES, sets=SETS, variants=VARIANTS):
                         add(persistent(mode, dtype, B, H, Pp if projs else None, P, True, *features, **var),
                             dtype)
     if "layernorm" in sets:
-        from .layernorm import aot_configs
-        for cfg in aot_configs(tuple(dtypes)):
+        from .layernorm import AOT_VARIANTS, aot_configs
+        for cfg in aot_configs(tuple(dtypes), variants=AOT_VARIANTS):
             if cfg.mode in modes:
                 seen.setdefault((cfg.name, cfg.signature, cfg.constexprs, cfg.num_warps), cfg)
     if "plain" in sets:

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedrnn.spec import GATES, TRITON_KERNELS, check_choice, work_dtype
+from fusedrnn.spec import GATES, HALF_DTYPES, TRITON_KERNELS, check_choice, work_dtype
 
 from .activations import sigmoid, tanh
 from .common import (bwd_dh_carry, divert_restart, dot_gates, load_gate_weights, load_gates, mdot, restart_rows,
@@ -51,7 +51,7 @@ from .common import (bwd_dh_carry, divert_restart, dot_gates, load_gate_weights,
 from .gru import gru_bwd, gru_fwd
 from .launch import Launch, check_float, check_tensor, new, resolve, run
 from .plan import _clamp_block, _np2, device_limits, dot_precision, persistent_plan
-from .scan import _variant_args, _zoneout
+from .scan import _variant_args, _variant_flags, _zoneout
 
 LN_EPS = tl.constexpr(1e-5)
 LN_MODES = ("LSTM", "GRU")
@@ -490,41 +490,79 @@ class LNConfig:
     mm_warps: int = 4
 
 
-# Elements of one [units, batch] tile of the stepwise row kernels (float64: half). The LSTM keeps
-# ~20 such tiles live: at H = 512, 2048 elements (BLOCK_B = 4, 8 warps) spilled 200-224 B per
-# thread in the LSTM kernels on sm_90 (1008 B in float64); 1024 (BLOCK_B = 2) spills 0-8 B.
-ROW_TILE_ELEMS = 1024
+# Stepwise row kernels: float32-sized values (float64 counts twice) of one [units, batch] tile,
+# per mode. The LSTM kernels keep more such tiles live than the GRU ones: at H = 512 (sm_90) the
+# LSTM at 1024 (BLOCK_B = 2, 8 warps) spilled 8 B per thread at 255 registers (float64 at 4 warps
+# 32-208 B), while 512 (BLOCK_B = 1, 8 warps) uses 102-201 registers, zoneout and reset on or
+# off; the GRU at 1024 uses at most 186 (float64 at 8 warps 126).
+ROW_TILE_VALUES = {"LSTM": 512, "GRU": 1024}
+ROW_WARPS_FROM = 512   # tiles of this many values or more take 8 warps, smaller ones 4
 # Persistent: rows are independent, so batch tiles of this size run as separate programs.
 PERSISTENT_BLOCK_B = 16
+# Persistent: what one program's registers hold per thread (8 warps), in float32-sized values
+# (float64 counts twice), besides the weights and accumulators the plain kernels' single-program
+# budget counts (kernels/plan.py: persistent_plan). Every program holds whole rows, as
+# [BLOCK_H, BLOCK_B] tiles: the G pre-activations (the row reduction's input, kept for the
+# save), the G input-side and the G normalized gate tiles, the row statistics broadcast over the
+# tile, and the states (h_prev, h_new; LSTM also c_prev, c_new): LN_TILES; the variants' tiles
+# (zoneout the blend weight; reset the restarted state and its gradient accumulator); and with
+# the two-pass half-precision dot ("x2") the h_hi / h_lo operand tiles in the blocked and the dot
+# layouts. Calibrated on sm_90 compiles (bench/kernel_resources.py --set layernorm): 40 holds
+# float32 LSTM H = 32 and float64 LSTM H = 16 with both variants (40; at most 176 / 246
+# registers), half-precision GRU H = 32 with both (38; 242); half-precision LSTM H = 32 (42)
+# ran out of registers (16-24 B at 255) with or without variants, and H = 64 (60-104) by
+# 48-272 B.
+LN_TILES = {"LSTM": 3 * 4 + 5, "GRU": 3 * 3 + 3}
+LN_ZONEOUT_TILES = 1
+LN_RESET_TILES = 2
+LN_X2_TILES = 4
+LN_ROW_VALUES = 40
 
 
-def ln_plan(mode, D, B, H, dtype, device):
-    """The persistent configuration, or None when one program cannot hold every unit's weights:
-    the plain kernels' single-program budget (kernels/plan.py: persistent_plan) at a batch tile of
-    16 rows (no grid barrier: programs of different batch tiles share nothing)."""
+def ln_row_values(mode, BLOCK_H, BLOCK_B, dtype, zoneout=False, reset=False, num_warps=8):
+    """The persistent LayerNorm kernels' row values per thread (LN_TILES and the tiles above)."""
+    tiles = LN_TILES[mode] + LN_ZONEOUT_TILES * bool(zoneout) + LN_RESET_TILES * bool(reset)
+    tiles += LN_X2_TILES if dtype in HALF_DTYPES else 0
+    return tiles * BLOCK_H * BLOCK_B * (2 if dtype == torch.float64 else 1) / (32 * num_warps)
+
+
+def ln_plan(mode, D, B, H, dtype, device, zoneout=False, reset=False):
+    """The persistent configuration, or None when one program cannot hold the layer: every
+    unit's weights within the plain kernels' single-program budget (kernels/plan.py:
+    persistent_plan) at a batch tile of 16 rows (no grid barrier: programs of different batch
+    tiles share nothing), and the rows the LayerNorm kernels hold, with the variants the layer
+    runs with (zoneout, reset), within LN_ROW_VALUES."""
     check_choice(mode, LN_MODES, "mode")
     plan = persistent_plan(mode, D, min(B, PERSISTENT_BLOCK_B), H, H, dtype, *device_limits(device))
     if plan is None or plan.grid_sync or plan.grid[2] != 1:
+        return None
+    if ln_row_values(mode, plan.BLOCK_H, plan.BLOCK_B, dtype, zoneout, reset, plan.num_warps) > LN_ROW_VALUES:
         return None
     return LNConfig(True, plan.BLOCK_B, plan.BLOCK_H, plan.BLOCK_K, plan.num_warps)
 
 
 def ln_step_config(mode, B, H, dtype):
+    """The stepwise configuration: row kernels of BLOCK_B whole rows within ROW_TILE_VALUES (the
+    variants fit in it too), and the matmul launches' tiles."""
     block_h = _np2(H)
-    budget = ROW_TILE_ELEMS // (2 if dtype == torch.float64 else 1)
-    block_b = max(1, min(_np2(B), budget // block_h))
-    return LNConfig(False, block_b, block_h, 16, 8 if block_h * block_b >= 1024 else 4,
+    wide = 2 if dtype == torch.float64 else 1
+    block_b = max(1, min(_np2(B), ROW_TILE_VALUES[mode] // wide // block_h))
+    return LNConfig(False, block_b, block_h, 16, 8 if block_h * block_b * wide >= ROW_WARPS_FROM else 4,
                     MM_B=_clamp_block(B, 32), MM_M=32,
                     MM_K=_clamp_block(H, 16 if dtype == torch.float64 else 32), mm_warps=4)
 
 
-def _config(kernel, mode, D, B, H, dtype, device):
+def _config(kernel, mode, D, B, H, dtype, device, zoneout=False, reset=False):
+    """The LNConfig the launch uses, planned with the variants it runs with (as
+    fusedrnn.layernorm.choose_kernel asks ln_plan); ValueError if the persistent kernels cannot
+    hold the layer."""
     if kernel == "stepwise":
         return ln_step_config(mode, B, H, dtype)
-    cfg = ln_plan(mode, D, B, H, dtype, device)
+    cfg = ln_plan(mode, D, B, H, dtype, device, zoneout=zoneout, reset=reset)
     if cfg is None:
+        variants = "".join(f", {n}" for n, on in (("zoneout", zoneout), ("reset", reset)) if on)
         raise ValueError(f"kernel='persistent' cannot hold this LayerNorm layer ({mode}, D={D}, B={B}, H={H}, "
-                         f"{dtype}): ln_plan returned None; use kernel='stepwise'")
+                         f"{dtype}{variants}): ln_plan returned None; use kernel='stepwise'")
     return cfg
 
 
@@ -576,7 +614,7 @@ def forward_launches(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save, 
     else:
         ws = tuple(h0.new_empty(0, dtype=wdt) for _ in range(5))
     hp, hw, stats, gates, cs = ws
-    cfg = _config(kernel, mode, D, B, H, dt, dev)
+    cfg = _config(kernel, mode, D, B, H, dt, dev, **_variant_flags(zoneout, zoneout_p, reset))
     prec = dot_precision(dt, allow_tf32, dev)
     hst = new((2, D, B, H), wdt, dev)
     hwbuf = None if cfg.persistent else new((D, B, GH), wdt, dev)
@@ -646,7 +684,7 @@ def backward_launches(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp,
     dg_h = new((D, B, GH), wdt, dev)
     db_h = new((D, B, GH), wdt, dev) if has_hb else hp.new_empty(0)
     dg_c, db_c = (new((D, B, H), wdt, dev), new((D, B, H), wdt, dev)) if lstm else (hp.new_empty(0), hp.new_empty(0))
-    cfg = _config(kernel, mode, D, B, H, dt, dev)
+    cfg = _config(kernel, mode, D, B, H, dt, dev, **_variant_flags(zoneout, zoneout_p, reset))
     prec = dot_precision(dt, allow_tf32, dev)
     dghbuf, carry = new((2, D, B, GH), wdt, dev), new((2, D, B, H), wdt, dev)
     dhtot = None if cfg.persistent else new((D, B, H), wdt, dev)
@@ -707,19 +745,22 @@ def ln_scan_backward(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp, 
 # ----------------------------------------------------------------------------------------------
 
 # (B, H): a tiny layer (masks everywhere), the GPU target's stepwise shape, and the largest
-# persistent layers (float32 / float64 at H = 32 / 16, half precision at H = 64; B = 16).
-AOT_SHAPES = ((3, 5), (64, 512), (16, 16), (16, 32), (16, 64))
+# persistent layers (ln_plan at B = 16: float32 H = 32, float64 and half-precision LSTM H = 16,
+# half-precision GRU H = 32).
+AOT_SHAPES = ((3, 5), (64, 512), (16, 16), (16, 32))
 
 
-# (zoneout, reset) of the variant listings, as kernels/aot.py's VARIANTS: 0 off, 1 eval p, 2 mask.
-AOT_VARIANTS = ((0, False), (2, True))
+# (zoneout, reset) of the listings, as kernels/aot.py's VARIANTS (0 off, 1 eval p, 2 mask) with
+# the plain (0, False) first: kernels/aot.py lists them all (--set layernorm).
+AOT_VARIANTS = ((0, False), (1, False), (2, False), (0, True), (2, True))
 
 
 def aot_configs(dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64), variants=((0, False),),
                 shapes=AOT_SHAPES):
     """Every distinct kernel configuration the launchers pick for `shapes` (all features on:
-    lengths, save, GRU's hidden bias) with each (zoneout, reset) of `variants` (AOT_VARIANTS:
-    both variants too), as fusedrnn.kernels.aot.KernelConfig, planned on meta tensors as an sm_90."""
+    lengths, save, GRU's hidden bias) with each (zoneout, reset) of `variants` (AOT_VARIANTS: all
+    of them), as fusedrnn.kernels.aot.KernelConfig, planned on meta tensors as an sm_90; a
+    persistent configuration only where ln_plan admits the shape with those variants."""
     from .aot import _SIG, KernelConfig, specialize
     meta = torch.device("meta")
     seen = {}
@@ -730,7 +771,8 @@ def aot_configs(dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.floa
             wdt = work_dtype(dt)
             for (B, H), (zoneout, reset) in itertools.product(shapes, variants):
                 for kernel in TRITON_KERNELS:
-                    if kernel == "persistent" and ln_plan(mode, 2, B, H, dt, meta) is None:
+                    if kernel == "persistent" and ln_plan(mode, 2, B, H, dt, meta, zoneout=zoneout > 0,
+                                                          reset=reset) is None:
                         continue
                     D, T = 2, 1
                     e = lambda *s, d=dt: torch.empty(*s, dtype=d, device=meta)  # noqa: E731

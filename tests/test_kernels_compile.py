@@ -204,6 +204,39 @@ def test_aot_lists_the_variant_and_layernorm_configurations():
     names = {name for name, _ in labels}
     assert {"ln_hw_kernel", "ln_fwd_kernel", "ln_dh_kernel", "ln_bwd_kernel"} <= names, names
     assert any(name == "ln_fwd_kernel" and label.split("/")[2][4] == "P" for name, label in labels)
+    # the LayerNorm row kernels with the variants too, stepwise and persistent
+    for name in ("ln_fwd_kernel", "ln_bwd_kernel"):
+        for mode in ("LSTM", "GRU"):
+            for persistent in ("-", "P"):
+                for var in ("", "z1", "z2", "r", "z2r"):
+                    assert any(n == name and m == mode and f[4] == persistent and f[6:] == var
+                               for n, m, f in flags), (name, mode, persistent, var)
+
+
+def test_layernorm_listing_has_the_variants_where_ln_plan_admits_them():
+    """kernels/aot.py --set layernorm lists the LayerNorm kernels plain and with zoneout / reset
+    (kernels/layernorm.py: AOT_VARIANTS), each persistent configuration only where ln_plan admits
+    it with those variants: in bfloat16 the LSTM at H <= 16 and the GRU at H <= 32, never the
+    H = 64 / LSTM H = 32 programs that ran out of registers. Listing only (no compiler)."""
+    got = _listing(
+        "from fusedrnn.kernels import layernorm\n"
+        "meta = torch.device('meta')\n"
+        "cs = aot.kernel_configs(modes=('LSTM', 'GRU'), dtypes=(torch.bfloat16,), sets=('layernorm',))\n"
+        "out = []\n"
+        "for c in cs:\n"
+        "    d = dict(c.constexprs)\n"
+        "    if d.get('PERSISTENT'):\n"
+        "        z, r = bool(d.get('ZONEOUT')), bool(d.get('RESET'))\n"
+        "        admitted = layernorm.ln_plan(c.mode, 2, 16, d['BLOCK_H'], torch.bfloat16, meta, zoneout=z, reset=r)\n"
+        "        out.append([c.name, c.label, admitted is not None])\n"
+        "print(json.dumps(out))\n")
+    assert got and all(ok for _, _, ok in got), got
+    var = {(name, label.split("/")[0], label.split("/")[2][6:], label.split("/")[4]) for name, label, _ in got}
+    for name in ("ln_fwd_kernel", "ln_bwd_kernel"):
+        for v in ("", "z1", "z2", "r", "z2r"):
+            assert (name, "LSTM", v, "B16.H16.K16") in var and (name, "GRU", v, "B16.H32.K32") in var, (name, v)
+    assert not any(b.split(".")[1] in ("H64",) or (m == "LSTM" and b.split(".")[1] == "H32")
+                   for _, m, _, b in var), var
 
 
 def test_variant_configurations_at_the_plan_edge_do_not_run_out_of_registers(toolchain):
@@ -211,19 +244,19 @@ def test_variant_configurations_at_the_plan_edge_do_not_run_out_of_registers(too
     bfloat16 LSTM / RNN, compiled for sm_90, do not run out of registers (the plan counts the
     variants' tiles; kernels/plan.py): no spills at more than 128 registers. Below that, 8-32 B of
     stack come from Triton's ptxas option --regAllocOptLevel=2 (docs/design.md: Resource usage)
-    and are allowed. The LayerNorm persistent kernels compile."""
+    and are allowed. The same for the largest LayerNorm persistent programs with both variants
+    (float32 LSTM H = 32, bfloat16 LSTM H = 16; kernels/layernorm.py: ln_plan)."""
     assert aot_cuobjdump(), "cuobjdump (shipped in the Triton wheel) is needed to read spills"
     got = _listing(
         "cs = aot.select(aot.kernel_configs(modes=('LSTM', 'RNN_TANH'), dtypes=(torch.float32, torch.bfloat16),\n"
         "                                   sets=('variants', 'layernorm')))\n"
         "pick = [c for c in cs if dict(c.constexprs).get('PERSISTENT') and not dict(c.constexprs).get('GRID_SYNC')\n"
-        "        and (dict(c.constexprs).get('ZONEOUT') == 2 and dict(c.constexprs).get('RESET')\n"
-        "             or c.name.startswith('ln_') and c.mode == 'LSTM' and c.dtype == 'bf16')]\n"
+        "        and dict(c.constexprs).get('ZONEOUT') == 2 and dict(c.constexprs).get('RESET')]\n"
         "print(json.dumps(aot.compile_many(pick, (90,), resources=True)))\n", timeout=900)
     _check(got)
     scan = [r for r in got if r["kernel"].startswith("scan_")]
-    assert len(scan) == 8 and len(got) == 10, [(r["kernel"], r["label"]) for r in got]
-    spills = [(r["kernel"], r["label"], r["usage"]) for r in scan
+    assert len(scan) == 8 and len(got) == 12, [(r["kernel"], r["label"]) for r in got]
+    spills = [(r["kernel"], r["label"], r["usage"]) for r in got
               if (r["usage"]["stack"] or 0) + (r["usage"]["local"] or 0) and r["usage"]["reg"] > 128]
     assert not spills, spills
 

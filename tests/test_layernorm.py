@@ -691,6 +691,72 @@ def test_variants_run_on_the_kernels_and_bad_variant_arguments_raise(triton_devi
         K.ln_scan_forward(*args, reset=torch.zeros(D, T, B))
 
 
+def test_ln_plan_budget_counts_the_rows_and_the_variants():
+    """kernels/layernorm.py: ln_plan admits a persistent program only where the rows the
+    LayerNorm kernels hold (LN_TILES, the variants' tiles, the two-pass dot's operand tiles) stay
+    within LN_ROW_VALUES, calibrated on sm_90 compiles: float32 H <= 32, float64 H <= 16, half
+    precision LSTM H <= 16 and GRU H <= 32 (B = 16 per program), each with zoneout and reset on
+    or off; half-precision LSTM H = 32 and H = 64 (which ran out of registers) are refused. The
+    stepwise row tiles hold 512 (LSTM) / 1024 (GRU) float32-sized values."""
+    K = L.triton_kernels()
+    meta = torch.device("meta")
+    largest = {(torch.float32, "LSTM"): 32, (torch.float32, "GRU"): 32, (torch.float64, "LSTM"): 16,
+               (torch.float64, "GRU"): 16, (torch.bfloat16, "LSTM"): 16, (torch.float16, "LSTM"): 16,
+               (torch.bfloat16, "GRU"): 32, (torch.float16, "GRU"): 32}
+    for (dtype, mode), top in largest.items():
+        for zoneout, reset in ((False, False), (True, False), (False, True), (True, True)):
+            got = {H: K.ln_plan(mode, 2, 64, H, dtype, meta, zoneout=zoneout, reset=reset) for H in (16, 32, 64)}
+            assert [H for H, c in got.items() if c is not None] == [H for H in (16, 32, 64) if H <= top], (
+                dtype, mode, zoneout, reset)
+            c = got[top]
+            assert (c.BLOCK_B, c.BLOCK_H, c.BLOCK_K, c.num_warps) == (16, top, top, 8)
+    # the edge: float32 LSTM H = 32 with both variants holds exactly LN_ROW_VALUES, so one tile
+    # more refuses it with the variants on and keeps it without
+    assert K.ln_row_values("LSTM", 32, 16, torch.float32, True, True) == K.LN_ROW_VALUES
+    assert K.ln_row_values("LSTM", 32, 16, torch.float32) < K.ln_row_values("LSTM", 32, 16, torch.float32, True)
+    # stepwise at H = 512: LSTM one row of 8 warps, GRU two (float64 one, 8 warps)
+    steps = [K.ln_step_config(mode, 64, 512, dtype) for mode in ("LSTM", "GRU") for dtype in (torch.float32,
+                                                                                               torch.float64)]
+    assert [(c.BLOCK_B, c.num_warps) for c in steps] == [(1, 8), (1, 8), (2, 8), (1, 8)]
+
+
+def test_ln_plan_refuses_with_the_variants_at_the_edge(monkeypatch):
+    """With one more variant tile than calibrated, the edge layer (float32 LSTM H = 32, B = 16)
+    is refused only with the variants on, alike by the dispatch (BackendUnavailableError naming
+    them; "auto" takes "stepwise") and by the launchers (ValueError before any launch); the plan
+    both use is the same."""
+    K = L.triton_kernels()
+    monkeypatch.setattr(K, "LN_ZONEOUT_TILES", K.LN_ZONEOUT_TILES + 1)
+    meta = torch.device("meta")
+    D, T_, B_, H_ = 2, 2, 16, 32
+    args = ("triton", "persistent", "LSTM", D, B_, H_, torch.float32, meta)
+    assert K.ln_plan("LSTM", D, B_, H_, torch.float32, meta, zoneout=True) is not None
+    assert K.ln_plan("LSTM", D, B_, H_, torch.float32, meta, zoneout=True, reset=True) is None
+    with pytest.raises(BackendUnavailableError, match="zoneout, reset"):
+        L.choose_kernel(*args, zoneout=True, reset=True)
+    assert L.choose_kernel("triton", "auto", *args[2:], zoneout=True, reset=True) == "stepwise"
+    e = lambda *s, d=torch.float32: torch.empty(*s, dtype=d, device=meta)  # noqa: E731
+    var = dict(zoneout=e(D, T_, B_, H_, d=torch.bool), reset=e(D, T_, B_, d=torch.bool))
+    fwd = ("LSTM", e(D, T_, B_, 4 * H_), e(D, 4 * H_, H_), e(D, 4 * H_), None, e(D, H_), e(D, H_), e(D, B_, H_),
+           e(D, B_, H_), None, True, "persistent", False)
+    with pytest.raises(ValueError, match="zoneout, reset\\): ln_plan returned None"):
+        K.forward_launches(*fwd, **var)
+    ws = (e(D, T_, B_, H_), e(D, T_, B_, 4 * H_), e(D, T_, B_, 4), e(D, T_, B_, 4 * H_), e(D, T_, B_, H_))
+    bwd = ("LSTM", e(T_, B_, D * H_), e(D, B_, H_), e(D, B_, H_), e(D, 4 * H_, H_), e(D, 4 * H_), None, e(D, H_),
+           e(D, H_), None, *ws, "persistent", False)
+    with pytest.raises(ValueError, match="zoneout, reset\\): ln_plan returned None"):
+        K.backward_launches(*bwd, **var)
+    # zoneout alone: admitted, and both launches run ln_plan's configuration
+    plan = K.ln_plan("LSTM", D, B_, H_, torch.float32, meta, zoneout=True)
+    assert L.choose_kernel(*args, zoneout=True) == "persistent"
+    var = dict(zoneout=var["zoneout"])
+    launches = list(K.forward_launches(*fwd, **var)[1]) + list(K.backward_launches(*bwd, **var)[1])
+    assert len(launches) == 2
+    for ln in launches:
+        assert (ln.args["BLOCK_B"], ln.args["BLOCK_H"], ln.args["BLOCK_K"], ln.num_warps, ln.args["PERSISTENT"]) == (
+            plan.BLOCK_B, plan.BLOCK_H, plan.BLOCK_K, plan.num_warps, True)
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 def test_cell_variants_on_the_kernels(mode, triton_device, poisoned):
