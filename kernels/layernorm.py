@@ -493,7 +493,7 @@ class LNConfig:
 # Stepwise row kernels: float32-sized values (float64 counts twice) of one [units, batch] tile,
 # per mode. The LSTM kernels keep more such tiles live than the GRU ones: at H = 512 (sm_90) the
 # LSTM at 1024 (BLOCK_B = 2, 8 warps) spilled 8 B per thread at 255 registers (float64 at 4 warps
-# 32-208 B), while 512 (BLOCK_B = 1, 8 warps) uses 102-201 registers, zoneout and reset on or
+# 32-208 B), while 512 (BLOCK_B = 1, 8 warps) uses 91-201 registers, zoneout and reset on or
 # off; the GRU at 1024 uses at most 186 (float64 at 8 warps 126).
 ROW_TILE_VALUES = {"LSTM": 512, "GRU": 1024}
 ROW_WARPS_FROM = 512   # tiles of this many values or more take 8 warps, smaller ones 4
