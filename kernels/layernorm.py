@@ -510,7 +510,7 @@ PERSISTENT_BLOCK_B = 16
 # layouts. Calibrated on sm_90 compiles (bench/kernel_resources.py --set layernorm): 40 holds
 # float32 LSTM H = 32 and float64 LSTM H = 16 with both variants (40; at most 176 / 246
 # registers), half-precision GRU H = 32 with both (38; 242); half-precision LSTM H = 32 (42)
-# ran out of registers (8-24 B at 255) with or without variants, and H = 64 (60-104) by
+# ran out of registers (8-24 B at 255) with or without variants, and H = 64 (64-96) by
 # 48-272 B.
 LN_TILES = {"LSTM": 3 * 4 + 5, "GRU": 3 * 3 + 3}
 LN_ZONEOUT_TILES = 1
