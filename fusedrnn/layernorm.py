@@ -173,6 +173,9 @@ def scan_forward(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save, zone
     end: no indexing inside the loop. Variants as fusedrnn/loop.py: zoneout (D, T, B, H) bool
     keep-mask or None, zoneout_p the eval blend weight, reset (D, T, B) bool (per direction,
     indexed by time); hp / cs hold the state actually entering the step (h0 / c0 at a restart)."""
+    if lengths is None:
+        with torch.no_grad():
+            return _forward_dense(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, save, zoneout, zoneout_p, reset)
     D, T, B, GH = xg.shape
     H = w_hh.shape[2]
     lstm = mode == "LSTM"
@@ -261,6 +264,10 @@ def scan_backward(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp, hw,
     one fused native_layer_norm per step (they equal the saved ones up to rounding). Zoneout
     splits the gradient of h_t between the cell (1 - z) and h_{t-1} (z); at a restart the gradient
     of the state entering the step goes to dh0 / dc0 and nothing reaches the step before."""
+    if lengths is None:
+        with torch.no_grad():
+            return _backward_dense(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, hp, hw, stats, gates, cs, zoneout,
+                                   zoneout_p, reset)
     D, T, B, H = hp.shape
     GH = w_hh.shape[1]
     lstm = mode == "LSTM"
@@ -364,6 +371,206 @@ def scan_backward(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp, hw,
     return (torch.stack(dxgs), torch.stack(dhws), torch.stack(dh0s), torch.stack(dc0s) if lstm else hp.new_empty(0),
             dg_h, db_h, dg_c, db_c)
 
+
+def _forward_dense(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, save, zoneout, zoneout_p, reset):
+    """scan_forward without lengths, built as fusedrnn/loop.py's dense forward: per-direction views
+    made once, the reverse direction walks time backwards (no reordered copies), every per-step
+    result written straight into preallocated storage (the saved workspace in training, y, hn, cn)
+    instead of lists stacked at the end, the state reset only at steps where some row restarts.
+    The same ops as the gathered path, so the same rounding."""
+    D, T, B, GH = xg.shape
+    H = w_hh.shape[2]
+    lstm = mode == "LSTM"
+    dt, dev = h0.dtype, xg.device
+    wdt = work_dtype(dt)
+    y = torch.empty(T, B, D * H, dtype=dt, device=dev)
+    hn = torch.empty(D, B, H, dtype=dt, device=dev)
+    cn = torch.empty(D, B, H, dtype=dt, device=dev) if lstm else h0.new_empty(0)
+    if save:
+        hp = torch.empty(D, T, B, H, dtype=wdt, device=dev)
+        hw = torch.empty(D, T, B, GH, dtype=wdt, device=dev)
+        stats = torch.empty(D, T, B, stats_width(mode), dtype=wdt, device=dev)
+        gates = torch.empty(D, T, B, 4 * H, dtype=wdt, device=dev)
+        cs = torch.empty(D, T, B, H if lstm else 0, dtype=wdt, device=dev)
+    else:
+        hp, hw, stats, gates, cs = (h0.new_empty(0, dtype=wdt) for _ in range(5))
+        # inference: one reused buffer per kind (the same view every step)
+        hw_b = torch.empty(B, GH, dtype=wdt, device=dev)
+        sv_b = torch.empty(B, 4 * H, dtype=wdt, device=dev)
+    for d in range(D):
+        steps = range(T - 1, -1, -1) if d == 1 else range(T)
+        xs = xg[d].to(wdt).unbind(0)
+        h = h_init = h0[d].to(wdt)
+        c = c_init = c0[d].to(wdt) if lstm else None
+        w_t = w_hh[d].to(wdt).t()
+        gh = g_h[d].to(wdt)
+        bh = b_h[d].to(wdt) if b_h is not None else None
+        gc, bc = (g_c[d].to(wdt), b_c[d].to(wdt)) if lstm else (None, None)
+        ys = y[:, :, d * H:(d + 1) * H].unbind(0)
+        if save:
+            hps, hws, sts, svs = hp[d].unbind(0), hw[d].unbind(0), stats[d].unbind(0), gates[d].unbind(0)
+            css = cs[d].unbind(0) if lstm else None
+        zs = zoneout[d].unbind(0) if zoneout is not None else None
+        if reset is not None:
+            restart = reset[d].unsqueeze(-1).unbind(0)
+            any_restart = reset[d].any(-1).tolist()
+        for t in steps:
+            xt = xs[t]
+            if reset is not None and any_restart[t]:
+                h = torch.where(restart[t], h_init, h)
+                if lstm:
+                    c = torch.where(restart[t], c_init, c)
+            if save:
+                hps[t].copy_(h)
+                if lstm:
+                    css[t].copy_(c)
+                hw_t, sv = hws[t], svs[t]
+            else:
+                hw_t, sv = hw_b, sv_b
+            torch.mm(h, w_t, out=hw_t)
+            hh, mu_h, r_h = torch.native_layer_norm(hw_t, (GH,), gh, bh, EPS)
+            if lstm:
+                torch.add(xt, hh, out=sv)
+                sv[:, :2 * H].sigmoid_()
+                sv[:, 2 * H:3 * H].tanh_()
+                sv[:, 3 * H:].sigmoid_()
+                i, f, g, o = sv.chunk(4, dim=-1)
+                c_new = torch.mul(f, c).addcmul_(i, g)
+                cnorm, mu_c, r_c = torch.native_layer_norm(c_new, (H,), gc, bc, EPS)
+                h_new = cnorm.tanh_().mul_(o)
+                if save:
+                    torch.cat((mu_h, r_h, mu_c, r_c), dim=-1, out=sts[t])
+            else:
+                rz = torch.add(xt[:, :2 * H], hh[:, :2 * H], out=sv[:, :2 * H]).sigmoid_()
+                r, z = rz[:, :H], rz[:, H:]
+                hh_n = hh[:, 2 * H:]
+                n = torch.addcmul(xt[:, 2 * H:], r, hh_n, out=sv[:, 2 * H:3 * H]).tanh_()
+                h_new = torch.addcmul(n, z, h - n)
+                if save:
+                    sv[:, 3 * H:].copy_(hh_n)
+                    torch.cat((mu_h, r_h), dim=-1, out=sts[t])
+            if zs is not None:
+                h_new = torch.where(zs[t], h, h_new)
+            elif zoneout_p > 0:
+                h_new = zoneout_p * h + (1 - zoneout_p) * h_new
+            ys[t].copy_(h_new)
+            h = h_new
+            if lstm:
+                c = c_new
+        hn[d].copy_(h)
+        if lstm:
+            cn[d].copy_(c)
+    return y, hn, cn, hp, hw, stats, gates, cs
+
+
+def _backward_dense(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, hp, hw, stats, gates, cs, zoneout, zoneout_p,
+                    reset):
+    """scan_backward without lengths, built as _forward_dense: views made once, the results
+    written straight into dxg / dhw, the products of the LSTM gate derivatives in place in dxg's
+    step slice (s (1 - s) of the four gates in one pass, the g slot replaced by 1 - g^2), the
+    reset handled only at steps where some row restarts."""
+    D, T, B, H = hp.shape
+    GH = w_hh.shape[1]
+    lstm = mode == "LSTM"
+    wdt, dev = hp.dtype, hp.device
+    dxg = torch.empty(D, T, B, GH, dtype=wdt, device=dev)
+    dhw = torch.empty(D, T, B, GH, dtype=wdt, device=dev)
+    dh0 = torch.empty(D, B, H, dtype=wdt, device=dev)
+    dc0 = torch.empty(D, B, H, dtype=wdt, device=dev) if lstm else hp.new_empty(0)
+    dg_h = torch.zeros(D, 1, GH, dtype=wdt, device=dev)
+    db_h = torch.zeros(D, 1, GH, dtype=wdt, device=dev) if not lstm and b_h is not None else hp.new_empty(0)
+    dg_c = torch.zeros(D, 1, H, dtype=wdt, device=dev) if lstm else hp.new_empty(0)
+    db_c = torch.zeros(D, 1, H, dtype=wdt, device=dev) if lstm else hp.new_empty(0)
+    one = torch.ones((), dtype=wdt, device=dev)
+    for d in range(D):
+        steps = range(T) if d == 1 else range(T - 1, -1, -1)
+        whh = w_hh[d].to(wdt)
+        gh = g_h[d].to(wdt)
+        bh = b_h[d].to(wdt) if b_h is not None and not lstm else None
+        gc, bc = (g_c[d].to(wdt), b_c[d].to(wdt)) if lstm else (None, None)
+        dys = dy[:, :, d * H:(d + 1) * H].unbind(0)
+        hws, svs, dxs, dhws = hw[d].unbind(0), gates[d].unbind(0), dxg[d].unbind(0), dhw[d].unbind(0)
+        st = stats[d]
+        mus, rss = st[..., 0:1].contiguous().unbind(0), st[..., 1:2].contiguous().unbind(0)
+        others = (cs[d] if lstm else hp[d]).unbind(0)
+        dgh_d, dbh_d = dg_h[d, 0], (db_h[d, 0] if bh is not None else None)
+        if lstm:
+            dgc_d, dbc_d = dg_c[d, 0], db_c[d, 0]
+            dIFG = dxg[d][..., :3 * H].unflatten(-1, (3, H)).unbind(0)
+        else:
+            dhh = torch.empty(B, GH, dtype=wdt, device=dev)
+        dh = dhn[d].to(wdt)
+        dc = dcn[d].to(wdt) if lstm else None
+        zs = zoneout[d].unbind(0) if zoneout is not None else None
+        if reset is not None:
+            restart = reset[d].unsqueeze(-1).unbind(0)
+            any_restart = reset[d].any(-1).tolist()
+            dh_reset = torch.zeros_like(dh)
+            dc_reset = torch.zeros_like(dc) if lstm else None
+        for t in steps:
+            dhl = dh + dys[t]
+            dh_direct = None
+            if zs is not None:
+                dh_direct = torch.where(zs[t], dhl, 0)
+                dhl = torch.where(zs[t], 0, dhl)
+            elif zoneout_p > 0:
+                dh_direct = zoneout_p * dhl
+                dhl = (1 - zoneout_p) * dhl
+            sv, dx = svs[t], dxs[t]
+            if lstm:
+                i, f, g, o = sv.chunk(4, dim=-1)
+                c_prev = others[t]
+                c_new = torch.mul(f, c_prev).addcmul_(i, g)
+                cnorm, mu_c, r_c = torch.native_layer_norm(c_new, (H,), gc, bc, EPS)
+                tc = cnorm.tanh_()
+                dcnorm = torch.addcmul(one, tc, tc, value=-1).mul_(o).mul_(dhl)
+                dcnew, dgc, dbc = _ln_bwd(dcnorm, c_new, (H,), mu_c, r_c, gc, bc, [True, True, True])
+                dgc_d += dgc
+                dbc_d += dbc
+                dc_t = dcnew.add_(dc)
+                # s (1 - s) of the four gates in one pass (the g slot then replaced by 1 - g^2),
+                # times (g, c_prev, i) dc_t and tc dh, in place in dxg's step slice
+                torch.neg(sv, out=dx).add_(1).mul_(sv)
+                torch.addcmul(one, g, g, value=-1, out=dx[:, 2 * H:3 * H])
+                dx[:, :H].mul_(g)
+                dx[:, H:2 * H].mul_(c_prev)
+                dx[:, 2 * H:3 * H].mul_(i)
+                dx[:, 3 * H:].mul_(tc).mul_(dhl)
+                dIFG[t].mul_(dc_t.unsqueeze(1))
+                dhh = dx
+            else:
+                r, z, n, hh_n = sv.chunk(4, dim=-1)
+                h_prev = others[t]
+                dn = torch.addcmul(one, n, n, value=-1, out=dx[:, 2 * H:]).mul_(dhl).mul_(1 - z)
+                torch.sub(h_prev, n, out=dx[:, H:2 * H]).mul_(dhl).mul_(z).mul_(1 - z)
+                torch.mul(dn, hh_n, out=dx[:, :H]).mul_(r).mul_(1 - r)
+                dhh[:, :2 * H].copy_(dx[:, :2 * H])
+                torch.mul(dn, r, out=dhh[:, 2 * H:])
+            dhw_t, dgh, dbh = _ln_bwd(dhh, hws[t], (GH,), mus[t], rss[t], gh, bh, [True, True, bh is not None])
+            dhws[t].copy_(dhw_t)
+            dgh_d += dgh
+            if bh is not None:
+                dbh_d += dbh
+            dh_prev = torch.mm(dhw_t, whh)
+            if not lstm:
+                dh_prev.addcmul_(dhl, z)
+            if dh_direct is not None:
+                dh_prev += dh_direct
+            dc_prev = dc_t * f if lstm else None
+            if reset is not None and any_restart[t]:
+                rs = restart[t]
+                dh_reset += torch.where(rs, dh_prev, 0)
+                dh_prev.masked_fill_(rs, 0)
+                if lstm:
+                    dc_reset += torch.where(rs, dc_prev, 0)
+                    dc_prev.masked_fill_(rs, 0)
+            dh = dh_prev
+            if lstm:
+                dc = dc_prev
+        dh0[d].copy_(dh if reset is None else dh + dh_reset)
+        if lstm:
+            dc0[d].copy_(dc if reset is None else dc + dc_reset)
+    return dxg, dhw, dh0, dc0, dg_h, db_h, dg_c, db_c
 
 # ================================================================================ the custom ops
 _KERNELS = []
