@@ -467,7 +467,7 @@ def _backward_dense(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, hp, hw, stats,
                     reset):
     """scan_backward without lengths, built as _forward_dense: views made once, the results
     written straight into dxg / dhw, the products of the LSTM gate derivatives in place in dxg's
-    step slice (s (1 - s) of the four gates in one pass, the g slot replaced by 1 - g^2), the
+    step slice (s - s^2 of the four gates in one op, the g slot replaced by 1 - g^2), the
     reset handled only at steps where some row restarts."""
     D, T, B, H = hp.shape
     GH = w_hh.shape[1]
@@ -528,9 +528,9 @@ def _backward_dense(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, hp, hw, stats,
                 dgc_d += dgc
                 dbc_d += dbc
                 dc_t = dcnew.add_(dc)
-                # s (1 - s) of the four gates in one pass (the g slot then replaced by 1 - g^2),
+                # s - s^2 of the four gates in one op (the g slot then replaced by 1 - g^2),
                 # times (g, c_prev, i) dc_t and tc dh, in place in dxg's step slice
-                torch.neg(sv, out=dx).add_(1).mul_(sv)
+                torch.addcmul(sv, sv, sv, value=-1, out=dx)
                 torch.addcmul(one, g, g, value=-1, out=dx[:, 2 * H:3 * H])
                 dx[:, :H].mul_(g)
                 dx[:, H:2 * H].mul_(c_prev)
@@ -631,7 +631,7 @@ def _input_side(x, w_ih):
     over an expanded x and transposed weights took 5-10x longer on CPU)."""
     T, B, I = x.shape
     x2 = x.reshape(T * B, I)
-    return torch.stack([x2 @ w_ih[d].t() for d in range(w_ih.shape[0])]).to(work_dtype(x.dtype))
+    return _stack([x2 @ w_ih[d].t() for d in range(w_ih.shape[0])]).to(work_dtype(x.dtype))
 
 
 def _vec(t, d, wdt):
@@ -653,7 +653,7 @@ def ln_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_x: Optional[Tensor], b_h: 
     D, GH, _ = w_ih.shape
     wdt = work_dtype(x.dtype)
     xw = _input_side(x, w_ih)
-    xg = torch.stack([F.layer_norm(xw[d], (GH,), g_x[d].to(wdt), _vec(b_x, d, wdt), EPS) for d in range(D)])
+    xg = _stack([F.layer_norm(xw[d], (GH,), g_x[d].to(wdt), _vec(b_x, d, wdt), EPS) for d in range(D)])
     return tuple(forward(mode, xg.view(D, T, B, GH), w_hh.contiguous(), g_h.contiguous(),
                          None if b_h is None else b_h.contiguous(), g_c, b_c, h0.contiguous(),
                          None if c0 is None else c0.contiguous(), lengths, save, **kw))
@@ -705,13 +705,13 @@ def ln_layer_backward(dy: Tensor, dhn: Tensor, dcn: Optional[Tensor], x: Tensor,
         dxw.append(dx_d.to(dt))
         dgx.append(dg_d)
         dbx.append(db_d)
-    dxw = torch.stack(dxw)
+    dxw = _stack(dxw)
     empty = lambda: x.new_empty(0)  # noqa: E731 (a fresh one each: op outputs may not alias)
     x2 = x.reshape(T * B, I)
     dx = sum(dxw[d] @ w_ih[d] for d in range(D)).view(T, B, I)
-    dw_ih = torch.stack([dxw[d].t() @ x2 for d in range(D)])
+    dw_ih = _stack([dxw[d].t() @ x2 for d in range(D)])
     dhw, hp = dhw.to(dt), hp.to(dt)
-    dw_hh = torch.stack([dhw[d].reshape(T * B, GH).t() @ hp[d].reshape(T * B, H) for d in range(D)])
+    dw_hh = _stack([dhw[d].reshape(T * B, GH).t() @ hp[d].reshape(T * B, H) for d in range(D)])
     return (dx, dw_ih, dw_hh,
             torch.stack(dbx).to(dt) if b_x is not None else empty(),
             db_h.sum(1).to(dt) if b_h is not None else empty(),
