@@ -168,9 +168,9 @@ def _variant_steps(zoneout, reset, alive, d, order, T):
 
 def scan_forward(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save, zoneout=None, zoneout_p=0.0,
                  reset=None):
-    """The step loop works in step order: per direction, the inputs are reordered once (reverse
-    direction), the per-step results are kept in lists and stacked (and reordered) once at the
-    end: no indexing inside the loop. Variants as fusedrnn/loop.py: zoneout (D, T, B, H) bool
+    """Without lengths: _forward_dense. With lengths the step loop works in step order: per
+    direction, the inputs are reordered once (reverse direction), the per-step results are kept
+    in lists and stacked (and reordered) once at the end: no indexing inside the loop. Variants as fusedrnn/loop.py: zoneout (D, T, B, H) bool
     keep-mask or None, zoneout_p the eval blend weight, reset (D, T, B) bool (per direction,
     indexed by time); hp / cs hold the state actually entering the step (h0 / c0 at a restart)."""
     if lengths is None:
@@ -260,7 +260,8 @@ def scan_forward(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save, zone
 
 def scan_backward(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp, hw, stats, gates, cs, zoneout=None,
                   zoneout_p=0.0, reset=None):
-    """Reverse step loop in step order (see scan_forward). LN(c)'s statistics are recomputed by
+    """Without lengths: _backward_dense. With lengths, the reverse step loop in step order (see
+    scan_forward). LN(c)'s statistics are recomputed by
     one fused native_layer_norm per step (they equal the saved ones up to rounding). Zoneout
     splits the gradient of h_t between the cell (1 - z) and h_{t-1} (z); at a restart the gradient
     of the state entering the step goes to dh0 / dc0 and nothing reaches the step before."""
