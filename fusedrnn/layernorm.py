@@ -170,9 +170,10 @@ def scan_forward(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, lengths, save, zone
                  reset=None):
     """Without lengths: _forward_dense. With lengths the step loop works in step order: per
     direction, the inputs are reordered once (reverse direction), the per-step results are kept
-    in lists and stacked (and reordered) once at the end: no indexing inside the loop. Variants as fusedrnn/loop.py: zoneout (D, T, B, H) bool
-    keep-mask or None, zoneout_p the eval blend weight, reset (D, T, B) bool (per direction,
-    indexed by time); hp / cs hold the state actually entering the step (h0 / c0 at a restart)."""
+    in lists and stacked (and reordered) once at the end: no indexing inside the loop. Variants
+    as fusedrnn/loop.py: zoneout (D, T, B, H) bool keep-mask or None, zoneout_p the eval blend
+    weight, reset (D, T, B) bool (per direction, indexed by time); hp / cs hold the state
+    actually entering the step (h0 / c0 at a restart)."""
     if lengths is None:
         with torch.no_grad():
             return _forward_dense(mode, xg, w_hh, g_h, b_h, g_c, b_c, h0, c0, save, zoneout, zoneout_p, reset)
