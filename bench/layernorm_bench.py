@@ -14,7 +14,7 @@ forward under no_grad), the time of
 and the ratio user-loop / fused-LN (> 1: fusedrnn faster). Timed as `fusedrnn bench` times CPU
 points (fusedrnn/tools/sweep.py: time_cpu_interleaved): one torch thread, CPU time of the calling
 thread, the three interleaved call by call after two warm-up calls each, --budget seconds of calls
-per candidate and point, and the median of the calls within FAST_BAND (1.3x) of that candidate's
+per candidate and point, and the median of the calls within FAST_BAND of that candidate's
 fastest call (the uncontended ones: a core of the shared VM this runs on alternates between full
 and about half speed in millisecond stretches). --threads N > 1 times wall clock instead.
 

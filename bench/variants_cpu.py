@@ -15,7 +15,7 @@ in eval mode (zoneout then uses the expectation). One layer, one direction, floa
 Timing is the project's CPU timing (fusedrnn/tools/sweep.py, `fusedrnn bench`): one torch thread,
 CPU time of the calling thread (time.thread_time), the three providers interleaved call by call
 after two warm-up calls each, repetitions from a time budget per provider and point, and the
-median of the uncontended calls (those within FAST_BAND = 1.3x of the provider's fastest call; a
+median of the uncontended calls (those within FAST_BAND of the provider's fastest call; a
 core of the shared VM this runs on alternates between full and about half speed in millisecond
 stretches, and the median of all calls measures that mix, not the code).
 """

@@ -169,7 +169,7 @@ def build_parser():
                         "default: no limit)")
     b.add_argument("--rep", type=float, default=None, metavar="MS",
                    help="timing budget per measurement in ms (cuda: do_bench rep, default 100, "
-                        "quick 40; cpu: per provider and point, default 3000, quick 1500)")
+                        "quick 40; cpu: per provider and point, default 3000, quick too)")
     b.add_argument("--threads", type=int, default=None,
                    help="torch threads for CPU timing (default: 1, pinned, on cpu; torch's "
                         "default on cuda)")
@@ -356,8 +356,7 @@ def cmd_bench(args, device, parser=None):
         torch.set_num_threads(threads)
     clock = args.clock or ("cpu" if torch.get_num_threads() == 1 else "wall")
     timing = sweep.CpuTiming(clock=clock, budget_s=(args.rep / 1e3 if args.rep else
-                                                    (sweep.CPU_QUICK_BUDGET_S if args.quick
-                                                     else sweep.CPU_BUDGET_S)),
+                                                    sweep.CPU_BUDGET_S),
                              retries=args.retries)
     spec = None
     env = sweep.environment(device)
