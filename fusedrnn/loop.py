@@ -173,13 +173,15 @@ def _forward_dense(mode, xg, w_hh, b_hh, w_hr, h0, c0, save, zoneout, zoneout_p,
                     css[t].copy_(c)
             out = ys[t] if same else h_buf
             cell_out = h_cell_buf if zoned else out
-            if lstm:
+            if not gru:
+                # the pre-activations x W_ih^T + b_ih + b_hh + h W_hh^T, in the step's gate storage
                 p_ = pre[t]
                 if bhh is not None:
                     torch.add(xs[t], bhh, out=p_)
                 else:
                     p_.copy_(xs[t])
                 p_.addmm_(h, whh_t)
+            if lstm:
                 sig_if[t].sigmoid_()
                 g_[t].tanh_()
                 o_[t].sigmoid_()
@@ -201,12 +203,6 @@ def _forward_dense(mode, xg, w_hh, b_hh, w_hr, h0, c0, save, zoneout, zoneout_p,
                     hn_[t].copy_(hg_n)
                 torch.lerp(n, h, z_[t], out=cell_out)  # (1 - z) n + z h, as torch's GRU cell
             else:
-                p_ = pre[t]
-                if bhh is not None:
-                    torch.add(xs[t], bhh, out=p_)
-                else:
-                    p_.copy_(xs[t])
-                p_.addmm_(h, whh_t)
                 p_.tanh_() if mode == "RNN_TANH" else p_.relu_()
                 cell_out.copy_(p_)
             if zoneout is not None:
