@@ -71,6 +71,7 @@ from .dispatch import kernels as _triton_package
 from .dispatch import resolve
 from .errors import BackendUnavailableError
 from .functional import cell_zoneout, drop_weight, from_padded, to_padded, zoneout_mask
+from .loop import divert_restart, zoneout_split
 from .modules import (_FusedRNNBase, _Backend, _autocast_on, _cast_weights, _cell_states, _compute_dtype,
                       _layer_states, _no_autocast, _pack_output, _prepare_input, _sequence_shape,
                       _unpack_cell_input, _unpack_input)
@@ -305,13 +306,7 @@ def scan_backward(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp, hw,
             a = None if alive is None else alive[s]
             dh_t = dh + dys[s]
             dhl = dh_t if a is None else torch.where(a, dh_t, 0)
-            dh_direct = None
-            if zs is not None:
-                dh_direct = torch.where(zs[s], dhl, 0)
-                dhl = torch.where(zs[s], 0, dhl)
-            elif zoneout_p > 0:
-                dh_direct = zoneout_p * dhl
-                dhl = (1 - zoneout_p) * dhl
+            dhl, dh_direct = zoneout_split(dhl, zs[s] if zs is not None else None, zoneout_p)
             sv = sv_s[s]
             if lstm:
                 i, f, g, o = sv.chunk(4, dim=-1)
@@ -352,11 +347,7 @@ def scan_backward(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, lengths, hp, hw,
                 dh_prev = dh_prev + dh_direct
             dc_prev = dc_t * f if lstm else None
             if rs is not None:
-                dh_reset += torch.where(rs[s], dh_prev, 0)
-                dh_prev = torch.where(rs[s], 0, dh_prev)
-                if lstm:
-                    dc_reset += torch.where(rs[s], dc_prev, 0)
-                    dc_prev = torch.where(rs[s], 0, dc_prev)
+                divert_restart(rs[s], dh_prev, dc_prev, dh_reset, dc_reset)
             if a is None:
                 dh = dh_prev
                 if lstm:
@@ -511,13 +502,7 @@ def _backward_dense(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, hp, hw, stats,
             dc_reset = torch.zeros_like(dc) if lstm else None
         for t in steps:
             dhl = dh + dys[t]
-            dh_direct = None
-            if zs is not None:
-                dh_direct = torch.where(zs[t], dhl, 0)
-                dhl = torch.where(zs[t], 0, dhl)
-            elif zoneout_p > 0:
-                dh_direct = zoneout_p * dhl
-                dhl = (1 - zoneout_p) * dhl
+            dhl, dh_direct = zoneout_split(dhl, zs[t] if zs is not None else None, zoneout_p)
             sv, dx = svs[t], dxs[t]
             if lstm:
                 i, f, g, o = sv.chunk(4, dim=-1)
@@ -560,12 +545,7 @@ def _backward_dense(mode, dy, dhn, dcn, w_hh, g_h, b_h, g_c, b_c, hp, hw, stats,
                 dh_prev += dh_direct
             dc_prev = dc_t * f if lstm else None
             if reset is not None and any_restart[t]:
-                rs = restart[t]
-                dh_reset += torch.where(rs, dh_prev, 0)
-                dh_prev.masked_fill_(rs, 0)
-                if lstm:
-                    dc_reset += torch.where(rs, dc_prev, 0)
-                    dc_prev.masked_fill_(rs, 0)
+                divert_restart(restart[t], dh_prev, dc_prev, dh_reset, dc_reset)
             dh = dh_prev
             if lstm:
                 dc = dc_prev

@@ -59,6 +59,29 @@ class _Steps:
         return (t, self.rows), alive[:, None]
 
 
+def zoneout_split(dh, keep, p):
+    """Zoneout's backward: the gradient reaching a step's output h_t = z h_{t-1} + (1 - z) h~_t,
+    split into (the part through the cell, the part straight to h_{t-1}); the second is None
+    without zoneout. keep: the training mask (True keeps h_{t-1}) or None; p: the eval weight."""
+    if keep is not None:
+        return torch.where(keep, 0, dh), torch.where(keep, dh, 0)
+    if p > 0:
+        return (1 - p) * dh, p * dh
+    return dh, None
+
+
+def divert_restart(restart, dh_prev, dc_prev, dh_reset, dc_reset):
+    """Rows that restarted at this step took h0 / c0, not the previous step's state: their
+    gradient (dh_prev, dc_prev: reaching the state that entered the step) is added to the
+    accumulators of dh0 / dc0 and zeroed in place, so nothing crosses the reset. dc_prev is None
+    except for the LSTM."""
+    dh_reset.add_(torch.where(restart, dh_prev, 0))
+    dh_prev.masked_fill_(restart, 0)
+    if dc_prev is not None:
+        dc_reset.add_(torch.where(restart, dc_prev, 0))
+        dc_prev.masked_fill_(restart, 0)
+
+
 def _get(a, d, idx):
     """a[d, t_b, b] for every row b (a: (D, T, B, ...))."""
     return a[d, idx] if isinstance(idx, int) else a[d, idx[0], idx[1]]
@@ -331,8 +354,6 @@ def _backward_dense(mode, dy, dhn, dcn, w_hh, w_hr, hp, gates, cs, zoneout, zone
     dhp = torch.empty(D, T, B, P, dtype=dt, device=dev) if proj else None
     dh0 = dy.new_empty(D, B, P)
     dc0 = dy.new_empty(D, B, H) if lstm else dy.new_empty(0)
-    blend = zoneout is None and zoneout_p > 0
-    q = 1 - zoneout_p
     one = torch.ones((), dtype=wdt, device=dev)
 
     def buf(*shape):
@@ -381,15 +402,7 @@ def _backward_dense(mode, dy, dhn, dcn, w_hh, w_hr, hp, gates, cs, zoneout, zone
             omz = buf(B, H)
         for t in (range(T) if d == 1 else range(T - 1, -1, -1)):
             torch.add(dh, dys[t], out=dh_t)
-            if zoneout is not None:
-                keep = zs[t]
-                dh_cell = dh_t.masked_fill(keep, 0)
-                dh_direct = torch.where(keep, dh_t, 0)
-            elif blend:
-                dh_cell = torch.mul(dh_t, q)
-                dh_direct = torch.mul(dh_t, zoneout_p)
-            else:
-                dh_cell, dh_direct = dh_t, None
+            dh_cell, dh_direct = zoneout_split(dh_t, zs[t] if zoneout is not None else None, zoneout_p)
             h_prev = hps[t]
             dx = dxs[t]
             if lstm:
@@ -430,12 +443,7 @@ def _backward_dense(mode, dy, dhn, dcn, w_hh, w_hr, hp, gates, cs, zoneout, zone
             if dh_direct is not None:
                 dh_prev.add_(dh_direct)
             if reset is not None and any_restart[t]:
-                rs = restart[t]
-                dh_reset.add_(torch.where(rs, dh_prev, 0))
-                dh_prev.masked_fill_(rs, 0)
-                if lstm:
-                    dc_reset.add_(torch.where(rs, dc_prev, 0))
-                    dc_prev.masked_fill_(rs, 0)
+                divert_restart(restart[t], dh_prev, dc_prev if lstm else None, dh_reset, dc_reset)
             if not same:
                 dx_out[t].copy_(dx)
                 if gru:
@@ -464,7 +472,6 @@ def _backward_gathered(mode, dy, dhn, dcn, w_hh, w_hr, lengths, hp, gates, cs, z
     dhp = torch.zeros(D, T, B, P, dtype=dt, device=dy.device) if w_hr is not None else None
     dh0 = dy.new_empty(D, B, P)
     dc0 = dy.new_empty(D, B, H) if lstm else dy.new_empty(0)
-    zoned = zoneout is not None or zoneout_p > 0
     for d in range(D):
         whh = w_hh[d].to(wdt)
         dh = dhn[d].to(wdt)
@@ -475,15 +482,8 @@ def _backward_gathered(mode, dy, dhn, dcn, w_hh, w_hr, lengths, hp, gates, cs, z
             idx, alive = steps.at(s, d == 1)
             dy_t = _get(dy.unsqueeze(0), 0, idx)[:, d * P:(d + 1) * P].to(wdt)
             dh_t = dh + (dy_t if alive is None else torch.where(alive, dy_t, 0))
-            if zoneout is not None:
-                keep = _get(zoneout, d, idx)
-                dh_cell = torch.where(keep, 0, dh_t)
-                dh_direct = torch.where(keep, dh_t, 0)
-            elif zoned:
-                dh_cell = (1 - zoneout_p) * dh_t
-                dh_direct = zoneout_p * dh_t
-            else:
-                dh_cell, dh_direct = dh_t, None
+            dh_cell, dh_direct = zoneout_split(dh_t, _get(zoneout, d, idx) if zoneout is not None else None,
+                                               zoneout_p)
             saved = _get(gates, d, idx)
             h_prev = _get(hp, d, idx)
             if lstm:
@@ -521,12 +521,8 @@ def _backward_gathered(mode, dy, dhn, dcn, w_hh, w_hr, lengths, hp, gates, cs, z
             if dh_direct is not None:
                 dh_prev = dh_prev + dh_direct
             if reset is not None:
-                restart = _restart(reset, d, idx, alive)
-                dh_reset += torch.where(restart, dh_prev, 0)
-                dh_prev = torch.where(restart, 0, dh_prev)
-                if lstm:
-                    dc_reset += torch.where(restart, dc_prev, 0)
-                    dc_prev = torch.where(restart, 0, dc_prev)
+                divert_restart(_restart(reset, d, idx, alive), dh_prev, dc_prev if lstm else None, dh_reset,
+                               dc_reset)
             _put(dxg, d, idx, d_pre.to(dt))
             if mode == "GRU":
                 _put(dgh, d, idx, d_hid.to(dt))
