@@ -298,3 +298,24 @@ def divert_restart(dh, s, pid_d, offs_b, mask_b, mask_ub, o_state, T, B, p_len, 
         tl.store(p_a, acc + dh, mask=mask_ub & rst)
         dh = tl.where(rst, 0.0, dh)
     return dh
+
+
+@triton.jit
+def carry_dc(dc_prev, dc, s, t, live, live2, pid_d, offs_b, o_c, mask_jb, T, B, D, H, p_reset, p_dc0acc,
+             p_dcst, p_dc0, RESET: tl.constexpr):
+    """The LSTM's dc leaving step s backwards (dc_prev = dc_t f, (BLOCK_H, BLOCK_B) at o_c of a (B, H)
+    layout): rows that restarted at step s took c0, so theirs is added to the dc0 accumulator
+    (p_dc0acc) and nothing reaches step s - 1; dead rows keep dc. Stored to the ping-pong slot s % 2
+    (p_dcst: (2, D, B, H)) and, at s = 0, with the accumulated restarts to dc0."""
+    if RESET:
+        rst2 = restart_rows(p_reset, pid_d, t, live, offs_b, T, B)[None, :]
+        p_ca = p_dc0acc + pid_d * B * H + o_c
+        acc_c = tl.load(p_ca, mask=mask_jb, other=0.0) + tl.where(rst2, dc_prev, 0.0)
+        tl.store(p_ca, acc_c, mask=mask_jb & rst2)
+        dc_prev = tl.where(rst2, 0.0, dc_prev)
+    dc_keep = tl.where(live2, dc_prev, dc)
+    tl.store(p_dcst + ((s % 2) * D + pid_d) * B * H + o_c, dc_keep, mask=mask_jb)
+    if s == 0:
+        if RESET:
+            dc_keep += acc_c
+        tl.store(p_dc0 + pid_d * B * H + o_c, dc_keep.to(p_dc0.dtype.element_ty), mask=mask_jb)

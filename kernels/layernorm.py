@@ -46,8 +46,8 @@ import triton.language as tl
 from fusedrnn.spec import GATES, HALF_DTYPES, TRITON_KERNELS, check_choice, work_dtype
 
 from .activations import sigmoid, tanh
-from .common import (bwd_dh_carry, divert_restart, dot_gates, load_gate_weights, load_gates, mdot, restart_rows,
-                     row_time, store_gates, unit_tile, wload, zoneout_weight)
+from .common import (bwd_dh_carry, carry_dc, divert_restart, dot_gates, load_gate_weights, load_gates, mdot,
+                     restart_rows, row_time, store_gates, unit_tile, wload, zoneout_weight)
 from .gru import gru_bwd, gru_fwd
 from .launch import Launch, check_float, check_tensor, new, resolve, run
 from .plan import _clamp_block, _np2, device_limits, dot_precision, persistent_plan
@@ -415,20 +415,8 @@ def ln_bwd_kernel(
                 d_2 = tl.where(live2, dc_t * sv_0 * (1.0 - sv_2 * sv_2), 0.0)
                 d_3 = tl.where(live2, dhl * tc * sv_3 * (1.0 - sv_3), 0.0)
                 e_0, e_1, e_2, e_3 = d_0, d_1, d_2, d_3
-                dc_prev = dc_t * sv_1
-                if RESET:
-                    # a restarted step took c0: its dc_prev belongs to dc0, nothing reaches step s - 1
-                    rst2 = restart_rows(p_reset, pid_d, t, live, offs_b, T, B)[None, :]
-                    p_ca = p_dc0acc + pid_d * B * H + o_own
-                    acc_c = tl.load(p_ca, mask=mask_jb, other=0.0) + tl.where(rst2, dc_prev, 0.0)
-                    tl.store(p_ca, acc_c, mask=mask_jb & rst2)
-                    dc_prev = tl.where(rst2, 0.0, dc_prev)
-                dc_keep = tl.where(live2, dc_prev, dc)
-                tl.store(p_dcst + ((s % 2) * D + pid_d) * B * H + o_own, dc_keep, mask=mask_jb)
-                if s == 0:
-                    if RESET:
-                        dc_keep += acc_c
-                    tl.store(p_dc0 + pid_d * B * H + o_own, dc_keep.to(p_dc0.dtype.element_ty), mask=mask_jb)
+                carry_dc(dc_t * sv_1, dc, s, t, live, live2, pid_d, offs_b, o_own, mask_jb, T, B, D, H, p_reset,
+                         p_dc0acc, p_dcst, p_dc0, RESET)
                 direct = tl.zeros((BLOCK_H, BLOCK_B), dtype=CDT)
             else:
                 h_prev = tl.load(p_hp + base[None, :] * H + offs_j[:, None], mask=mask_jb, other=0.0)

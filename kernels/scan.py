@@ -40,8 +40,8 @@ import triton.language as tl
 
 from fusedrnn.spec import GATES, MODES, TRITON_KERNELS, check_choice, saved_widths, work_dtype
 
-from .common import (MAX_SPIN, bwd_dh_carry, divert_restart, dot_gates, load_gate_weights, load_gates, mdot, restart_rows,
-                     row_time, step_barrier, store_gate_grads, store_gates, store_live_gates, stream_dot_gates,
+from .common import (MAX_SPIN, bwd_dh_carry, carry_dc, divert_restart, dot_gates, load_gate_weights, load_gates,
+                     mdot, restart_rows, row_time, step_barrier, store_gate_grads, store_gates, store_live_gates, stream_dot_gates,
                      unit_tile, wload, zoneout_weight)
 from .gru import gru_bwd, gru_fwd
 from .launch import Launch, check_float, check_tensor, new, resolve, run
@@ -325,19 +325,8 @@ def scan_bwd_kernel(
                 p_cst_t = p_cs + ((pid_d * T + t[None, :]) * B + offs_b[None, :]) * H + offs_j[:, None]
                 c_prev = tl.load(p_cst_t, mask=mask_jb, other=0.0)
                 d_0, d_1, d_2, d_3, dc_prev = lstm_bwd(dh, dc, sv_0, sv_1, sv_2, sv_3, c_prev)
-                if RESET:
-                    # a restarted step took c0: its dc_prev belongs to dc0
-                    rst2 = restart_rows(p_reset, pid_d, t, live, offs_b, T, B)[None, :]
-                    p_ca = p_dc0acc + pid_d * B * H + o_c
-                    acc_c = tl.load(p_ca, mask=mask_jb, other=0.0) + tl.where(rst2, dc_prev, 0.0)
-                    tl.store(p_ca, acc_c, mask=mask_jb & rst2)
-                    dc_prev = tl.where(rst2, 0.0, dc_prev)
-                dc_keep = tl.where(live2, dc_prev, dc)
-                tl.store(p_dcst + ((s % 2) * D + pid_d) * B * H + o_c, dc_keep, mask=mask_jb)
-                if s == 0:
-                    if RESET:
-                        dc_keep += acc_c
-                    tl.store(p_dc0 + pid_d * B * H + o_c, dc_keep.to(p_dc0.dtype.element_ty), mask=mask_jb)
+                carry_dc(dc_prev, dc, s, t, live, live2, pid_d, offs_b, o_c, mask_jb, T, B, D, H, p_reset,
+                         p_dc0acc, p_dcst, p_dc0, RESET)
                 e_0, e_1, e_2, e_3 = d_0, d_1, d_2, d_3
                 direct = tl.zeros((BLOCK_H, BLOCK_B), dtype=CDT)
             elif MODE == "GRU":
